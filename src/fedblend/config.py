@@ -1,0 +1,234 @@
+"""Typed, validated experiment configuration.
+
+A config is a TOML file (see ``configs/``) loaded into :class:`ExperimentConfig`. Every
+section forbids unknown keys, so a typo fails at load time. ``--set section.key=value``
+overrides are applied before validation; values are parsed as TOML literals
+(``3``, ``1e-3``, ``true``, ``["q_proj", "v_proj"]``) and fall back to plain strings.
+Every problem is reported as one line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedblend.errors import ConfigError
+
+TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f")
+VISION_ALGORITHMS = ("zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The frozen text backbone."""
+
+    source: Literal["smollm2", "tiny", "path"] = "smollm2"
+    path: str = ""
+    max_length: int = Field(256, ge=16, description="truncate prompt+response to this many tokens")
+    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> ModelConfig:
+        if self.source == "path" and not self.path:
+            raise ValueError("model.path: required when model.source = 'path'")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class DataConfig(_Section):
+    kind: Literal["instructions", "tsv", "synthetic"] = "instructions"
+    dir: str = "../shared/data/flan8"
+    layout: Literal["file_per_client", "task_per_client", "label_skew"] = "file_per_client"
+    train_pattern: str = "local_training_{client}.json"
+    train_file: str = "train.jsonl"
+    test_file: str = "test.jsonl"
+    num_clients: int = Field(8, ge=1)
+    clients: list[int] = Field(default_factory=list, description="subset of client ids; empty = all")
+    max_train_per_client: int = Field(0, ge=0, description="0 = all")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="for sources without a test file")
+    # label-skew partitioning of one pool (flwr-datasets partitioners)
+    partitioner: Literal["iid", "dirichlet", "pathological"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, ge=1)
+    # TSV text classification
+    text_column: str = "sentence"
+    label_column: str = "label"
+    has_header: bool = True
+    label_names: list[str] = Field(default_factory=list)
+    instruction_template: str = "{text}"
+    # built-in synthetic generator (used when no data dir exists)
+    synthetic_train_per_client: int = Field(64, ge=4)
+    synthetic_test_per_task: int = Field(32, ge=2)
+
+    @field_validator("train_pattern")
+    @classmethod
+    def _pattern_has_client(cls, v: str) -> str:
+        if "{client}" not in v:
+            raise ValueError("must contain '{client}'")
+        return v
+
+
+class TrainConfig(_Section):
+    rounds: int = Field(20, ge=1)
+    local_epochs: float = Field(10, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    clients_per_round: int = Field(0, ge=0, description="0 = every client every round")
+    # FedDPA
+    local_weight: float = Field(0.5, ge=0, le=1, description="FedDPA-T weight a of the local adapter")
+    finetune_epochs: float = Field(0, ge=0, description="FedDPA-F local fine-tuning epochs")
+    # FedProx
+    prox_mu: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _micro(self) -> TrainConfig:
+        if self.micro_batch_size > self.batch_size:
+            self.micro_batch_size = self.batch_size
+        return self
+
+
+class EvalConfig(_Section):
+    max_per_task: int = Field(0, ge=0, description="0 = whole test set")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    metric: Literal["rougeL", "rouge1", "rouge2", "exact_match"] = "rougeL"
+    ttp: bool = True
+    # FedDPA inference weighting
+    weighting: Literal["global", "local", "static", "dynamic"] = "dynamic"
+    weighting_convention: Literal["intent", "official"] = "intent"
+    static_weight: float = Field(0.5, ge=0, le=1)
+    dynamic_lambda: float = Field(0.5, ge=0, le=1)
+    dynamic_top_k: int = Field(5, ge=1)
+    dynamic_reference: int = Field(0, ge=0, description="max local training prompts embedded; 0 = all")
+
+
+class EngineConfig(_Section):
+    kind: Literal["inprocess", "flower"] = "inprocess"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    checkpoint_every: int = Field(1, ge=0, description="rounds between resumable checkpoints; 0 = never")
+    progress: bool = True
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    algorithm: str = "fedit"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    vision: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        known = TEXT_ALGORITHMS + VISION_ALGORITHMS
+        if v not in known:
+            raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(known)}")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    if msg.startswith(f"{loc}:"):
+        return f"{source}: {msg}"
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as a TOML literal or else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate a config file (or the defaults when ``path`` is None)."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read config: {e}") from None
+    return config_from_dict(raw, overrides or [], source=source)
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> ExperimentConfig:
+    data = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def resolve_data_dir(cfg: ExperimentConfig) -> Path | None:
+    """The data directory as an absolute path (relative paths are from the working dir)."""
+    if cfg.data.kind == "synthetic":
+        return None
+    p = Path(cfg.data.dir).expanduser()
+    if not p.is_absolute():
+        p = (Path.cwd() / p).resolve()
+    if not p.is_dir():
+        raise ConfigError(f"data.dir: directory not found: {cfg.data.dir}")
+    return p

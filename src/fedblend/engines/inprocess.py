@@ -1,0 +1,136 @@
+"""The in-process engine: sequential clients on one shared frozen backbone.
+
+The engine owns the loop (client sampling, transport, checkpoints, timing, progress);
+algorithms own the maths. Client private state is kept as adapter tensors per client, never
+as a model copy. Every message crosses an encode/decode boundary (:class:`Transport`), so
+byte counts are exact and the server never holds a reference to client memory.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
+from fedblend.comm.codec import Message, decode, encode
+from fedblend.config import ExperimentConfig
+from fedblend.reports.rundir import RunDir
+
+Tap = Callable[[str, int, int, bytes], None]  # (direction, round, client id, wire bytes)
+
+
+class ProtocolViolation(RuntimeError):
+    """A client tried to send a role its algorithm does not declare shared."""
+
+
+@dataclass
+class Transport:
+    """Encodes every message, counts its bytes, hands the receiver a decoded copy."""
+
+    tap: Tap | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    per_round: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def _count(self, direction: str, rnd: int, n: int) -> None:
+        slot = self.per_round.setdefault(rnd, {"up": 0, "down": 0})
+        slot[direction] += n
+        if direction == "up":
+            self.bytes_up += n
+        else:
+            self.bytes_down += n
+
+    def down(self, rnd: int, cid: int, msg: Message) -> Message:
+        data = encode(msg)
+        self._count("down", rnd, len(data))
+        if self.tap:
+            self.tap("down", rnd, cid, data)
+        return decode(data)
+
+    def up(self, rnd: int, cid: int, msg: Message, allowed: Sequence[str]) -> Message:
+        illegal = [r for r in msg.tensors if r not in allowed]
+        if illegal:
+            raise ProtocolViolation(
+                f"client {cid} tried to send role(s) {illegal}; shared roles are {list(allowed)}"
+            )
+        data = encode(msg)
+        self._count("up", rnd, len(data))
+        if self.tap:
+            self.tap("up", rnd, cid, data)
+        return decode(data)
+
+
+def select_clients(cfg: ExperimentConfig, rnd: int, client_ids: Sequence[int]) -> list[int]:
+    k = cfg.train.clients_per_round
+    if k <= 0 or k >= len(client_ids):
+        return list(client_ids)
+    rng = random.Random(f"select:{cfg.seed}:{rnd}")
+    return sorted(rng.sample(list(client_ids), k))
+
+
+@dataclass
+class LoopResult:
+    server_state: State
+    client_states: dict[int, State]
+    train_s: float
+
+
+def run_rounds(
+    algorithm: Algorithm,
+    trainer: Any,
+    train_data: dict[int, Sequence[Any]],
+    cfg: ExperimentConfig,
+    run: RunDir,
+    transport: Transport,
+    server_state: State,
+    client_states: dict[int, State],
+    start_round: int = 0,
+    progress: Any = None,
+    counters: dict[str, Any] | None = None,
+) -> LoopResult:
+    """Run rounds ``start_round..cfg.train.rounds-1``; log, checkpoint, return final states."""
+    counters = counters or {"train_s": 0.0}
+    ids = sorted(train_data)
+    for rnd in range(start_round, cfg.train.rounds):
+        t_round = time.perf_counter()
+        selected = select_clients(cfg, rnd, ids)
+        payloads = algorithm.configure_round(rnd, server_state, selected)
+        updates: dict[int, Message] = {}
+        client_metrics: dict[str, dict[str, float]] = {}
+        task = None
+        if progress is not None:
+            total = sum(algorithm.update_steps(len(train_data[c]), rnd, trainer) for c in selected)
+            task = progress.add_task(f"round {rnd + 1}/{cfg.train.rounds}", total=total)
+        for cid in selected:
+            payload = transport.down(rnd, cid, payloads[cid])
+            ctx = ClientContext(
+                cid=cid, round=rnd, seed=client_seed(cfg.seed, rnd, cid), examples=train_data[cid],
+                trainer=trainer, cfg=cfg,
+                progress=(lambda n, t=task: progress.advance(t, n)) if task is not None else None,
+            )
+            update, client_states[cid] = algorithm.local_update(ctx, payload, client_states.get(cid, {}))
+            updates[cid] = transport.up(rnd, cid, update, algorithm.shared_roles)
+            client_metrics[str(cid)] = dict(update.metrics)
+        server_state = algorithm.aggregate(rnd, updates, server_state)
+        if task is not None:
+            progress.remove_task(task)
+        seconds = time.perf_counter() - t_round
+        counters["train_s"] = counters.get("train_s", 0.0) + seconds
+        losses = [m["loss"] for m in client_metrics.values() if "loss" in m]
+        run.log_round({
+            "round": rnd,
+            "clients": selected,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "client_metrics": client_metrics,
+            "bytes_up": transport.per_round.get(rnd, {}).get("up", 0),
+            "bytes_down": transport.per_round.get(rnd, {}).get("down", 0),
+            "seconds": seconds,
+        })
+        every = cfg.engine.checkpoint_every
+        if every and ((rnd + 1) % every == 0 or rnd + 1 == cfg.train.rounds):
+            counters.update(bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)
+            run.save_checkpoint(rnd + 1, server_state, client_states, counters)
+    return LoopResult(server_state, client_states, counters["train_s"])

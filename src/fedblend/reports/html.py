@@ -1,0 +1,174 @@
+"""HTML reports with matplotlib plots, built only from what a run recorded."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedblend.errors import FedblendError  # noqa: E402
+from fedblend.reports.rundir import RunDir  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(title: str, b64: str) -> str:
+    return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}figure{display:inline-block;margin:0.5em}img{max-width:520px}
+code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+
+
+def _loss_plot(rounds: list[dict[str, Any]]) -> str | None:
+    pts = [(r["round"] + 1, r["loss"]) for r in rounds if r.get("loss") is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client training loss")
+    return _png(fig)
+
+
+def _bytes_plot(rounds: list[dict[str, Any]]) -> str | None:
+    if not rounds:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [r["round"] + 1 for r in rounds]
+    ax.bar([v - 0.2 for v in x], [r["bytes_up"] / 1e6 for r in rounds], width=0.4, label="up")
+    ax.bar([v + 0.2 for v in x], [r["bytes_down"] / 1e6 for r in rounds], width=0.4, label="down")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB")
+    ax.legend()
+    return _png(fig)
+
+
+def _pttp_plot(clients: dict[str, Any], metric: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ids = list(clients)
+    x = range(len(ids))
+    ax.bar([i - 0.2 for i in x], [clients[c]["P"] for c in ids], width=0.4, label="P")
+    ax.bar([i + 0.2 for i in x], [clients[c]["TTP"] for c in ids], width=0.4, label="TTP")
+    ax.set_xticks(list(x), [f"{c}\n{clients[c]['task'][:12]}" for c in ids], fontsize=7)
+    ax.set_ylabel(metric)
+    ax.legend()
+    return _png(fig)
+
+
+def _heatmap(clients: dict[str, Any], metric: str) -> str | None:
+    tasks = list(next(iter(clients.values())).get("by_task", {}))
+    if len(tasks) < 2:
+        return None
+    ids = list(clients)
+    grid = [[clients[c]["by_task"].get(t, float("nan")) for t in tasks] for c in ids]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(tasks)), [t[:14] for t in tasks], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(ids)), [f"client {c}" for c in ids], fontsize=7)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title("client model (rows) on task test set (columns)", fontsize=8)
+    return _png(fig)
+
+
+def _weights_plot(path: Path) -> str | None:
+    pred = path / "eval" / "predictions.jsonl"
+    if not pred.is_file():
+        return None
+    own, other = [], []
+    for line in pred.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "weight" in rec:
+            (own if rec["own_task"] else other).append(rec["weight"])
+    if not own and not other:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = 30
+    if own:
+        ax.hist(own, bins=bins, alpha=0.6, label=f"own task (n={len(own)})", density=True)
+    if other:
+        ax.hist(other, bins=bins, alpha=0.6, label=f"other tasks (n={len(other)})", density=True)
+    ax.set_xlabel("instance weight")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _png(fig)
+
+
+def write_report(path: str | Path) -> Path:
+    """Render ``DIR/report.html`` from a completed run directory."""
+    run = RunDir(path)
+    if not run.complete:
+        raise FedblendError(f"{run.path}: no summary.json (the run did not complete)")
+    s = run.summary()
+    rounds = run.rounds()
+    parts = [f"<p>algorithm <code>{html.escape(s['algorithm'])}</code>, {s['rounds']} rounds, "
+             f"seed {s['seed']}, metric <code>{html.escape(s.get('metric', ''))}</code></p>"]
+    if "clients" in s and s["clients"] and "P" in next(iter(s["clients"].values())):
+        rows = [[c, v["task"], v["P"], v["TTP"]] for c, v in s["clients"].items()]
+        rows.append(["mean", "", s["mean"]["P"], s["mean"]["TTP"]])
+        parts.append("<h2>Scores</h2>" + _table(["client", "task", "P", "TTP"], rows))
+    comm, t, mem = s.get("comm", {}), s.get("time", {}), s.get("memory", {})
+    parts.append("<h2>Cost</h2>" + _table(
+        ["bytes up", "bytes down", "wall s", "train s", "eval s", "peak RSS MB"],
+        [[comm.get("bytes_up", 0), comm.get("bytes_down", 0), t.get("wall_s", 0.0),
+          t.get("train_s", 0.0), t.get("eval_s", 0.0), mem.get("peak_rss_mb", 0.0)]],
+    ))
+    if "accuracy" in s:
+        acc = s["accuracy"]
+        parts.append("<h2>Accuracy</h2>" + _table(
+            list(k for k in acc if k != "per_client"),
+            [[acc[k] if acc[k] is not None else "n/a" for k in acc if k != "per_client"]],
+        ))
+    figs = []
+    for title, b64 in (
+        ("training loss per round", _loss_plot(rounds)),
+        ("bytes per round", _bytes_plot(rounds)),
+        ("P and TTP per client", _pttp_plot(s["clients"], s["metric"]) if s.get("clients") and "P" in next(iter(s["clients"].values()), {}) else None),
+        ("client-by-task scores", _heatmap(s["clients"], s["metric"]) if s.get("clients") and "by_task" in next(iter(s["clients"].values()), {}) else None),
+        ("instance weights: own vs other tasks", _weights_plot(run.path)),
+    ):
+        if b64:
+            figs.append(_img(title, b64))
+    parts.append("<h2>Plots</h2>" + "".join(figs))
+    out = run.path / "report.html"
+    out.write_text(_page(f"fedblend run: {s.get('name', run.path.name)}", parts))
+    return out

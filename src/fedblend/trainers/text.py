@@ -1,0 +1,224 @@
+"""Training and inference of named LoRA adapters on one frozen causal LM.
+
+The trainer owns the shared backbone; algorithms call it to train a role's adapter on a
+client's examples (loss on response tokens only), to generate greedily in batches, and
+to embed prompts (last-layer hidden state at the last prompt token).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from fedblend.adapters.lora import DualLoRA, Weight
+from fedblend.backbones.text import format_prompt
+from fedblend.config import ExperimentConfig
+from fedblend.data.sources import Example
+
+ProgressFn = Callable[[int], None]
+
+
+class TextTrainer:
+    def __init__(self, cfg: ExperimentConfig, backbone: torch.nn.Module, tokenizer) -> None:
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.adapters = DualLoRA(backbone, cfg.lora)
+        self.model = self.adapters.model
+        self._cache: dict[tuple, list[tuple[list[int], list[int]]]] = {}
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    # ---- tokenization -------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize(self, key, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels (-100 on the prompt) per example; cached under ``key``."""
+        cache_key = (key, len(examples))
+        if cache_key not in self._cache:
+            max_len = self.cfg.model.max_length
+            out = []
+            for ex in examples:
+                prompt = self._ids(format_prompt(ex.instruction))
+                resp = self._ids(ex.output)[: max_len // 2] + [self.eos_id]
+                prompt = prompt[-(max_len - len(resp)) :]
+                out.append((prompt + resp, [-100] * len(prompt) + resp))
+            self._cache[cache_key] = out
+        return self._cache[cache_key]
+
+    def _collate(self, batch: Sequence[tuple[list[int], list[int]]]):
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (x, y) in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+            mask[i, : len(x)] = 1
+        return ids, labels, mask
+
+    # ---- training -----------------------------------------------------------------------
+    def train(
+        self,
+        key,
+        examples: Sequence[Example],
+        trainable: Sequence[str],
+        mix: Mapping[str, Weight],
+        epochs: float,
+        seed: int,
+        prox: tuple[float, Mapping[str, torch.Tensor]] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, float]:
+        """Train the ``trainable`` roles with AdamW and a linear decay; returns loss stats.
+
+        ``mix`` gives each role's weight in the forward pass; roles not trainable are held
+        under stop-gradient. ``prox=(mu, reference)`` adds FedProx's proximal term.
+        """
+        tc = self.cfg.train
+        data = self.tokenize(key, examples)
+        n = len(data)
+        steps = max(1, math.ceil(epochs * n / tc.batch_size))
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        self.adapters.set_trainable(trainable)
+        params = self.adapters.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        warm = int(tc.warmup_ratio * steps)
+
+        def lr_lambda(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if tc.scheduler == "constant":
+                return 1.0
+            return max(0.0, (steps - step) / max(1, steps - warm))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        order: list[int] = []
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        self.model.train()
+        try:
+            with self.adapters.mixing(mix):
+                for _ in range(steps):
+                    batch_idx = []
+                    while len(batch_idx) < min(tc.batch_size, n):
+                        if not order:
+                            order = list(range(n))
+                            rng.shuffle(order)
+                        batch_idx.append(order.pop())
+                    batch = [data[i] for i in batch_idx]
+                    n_tokens = sum(sum(1 for t in y if t != -100) for _, y in batch)
+                    opt.zero_grad(set_to_none=True)
+                    total = 0.0
+                    for s in range(0, len(batch), tc.micro_batch_size):
+                        ids, labels, mask = self._collate(batch[s : s + tc.micro_batch_size])
+                        logits = self.model(input_ids=ids, attention_mask=mask).logits
+                        loss_sum = torch.nn.functional.cross_entropy(
+                            logits[:, :-1].reshape(-1, logits.size(-1)),
+                            labels[:, 1:].reshape(-1),
+                            ignore_index=-100,
+                            reduction="sum",
+                        )
+                        loss = loss_sum / n_tokens
+                        if prox is not None and prox[0] > 0:
+                            mu, ref = prox
+                            frac = len(ids) / len(batch)
+                            loss = loss + frac * (mu / 2) * _sq_dist(self.adapters, trainable, ref)
+                        loss.backward()
+                        total += float(loss_sum.detach()) / n_tokens
+                    if tc.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    losses.append(total)
+                    if progress:
+                        progress(1)
+        finally:
+            self.model.eval()
+            self.adapters.set_trainable(())
+        return {
+            "loss": sum(losses) / len(losses),
+            "loss_last": losses[-1],
+            "steps": steps,
+            "examples": n,
+            "train_s": time.perf_counter() - t0,
+        }
+
+    def train_steps(self, n_examples: int, epochs: float) -> int:
+        return max(1, math.ceil(epochs * n_examples / self.cfg.train.batch_size))
+
+    # ---- inference ----------------------------------------------------------------------
+    def _left_pad(self, seqs: Sequence[list[int]]):
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+        return ids, mask
+
+    def _prompt_ids(self, instructions: Sequence[str]) -> list[list[int]]:
+        limit = self.cfg.model.max_length
+        return [self._ids(format_prompt(t))[-limit:] for t in instructions]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        instructions: Sequence[str],
+        mix: Mapping[str, Weight],
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """Greedy generation in batches (sorted by length); ``mix`` weights may be per-instance
+        tensors aligned with ``instructions``."""
+        ec = self.cfg.eval
+        prompts = self._prompt_ids(instructions)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outs: list[str] = [""] * len(prompts)
+        for s in range(0, len(order), ec.batch_size):
+            idx = order[s : s + ec.batch_size]
+            ids, mask = self._left_pad([prompts[i] for i in idx])
+            weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+            with self.adapters.mixing(weights):
+                gen = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=ec.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id,
+                )
+            for j, i in enumerate(idx):
+                text = self.tok.decode(gen[j, ids.shape[1] :], skip_special_tokens=True)
+                outs[i] = text.split("### Instruction")[0].strip()
+            if progress:
+                progress(len(idx))
+        return outs
+
+    @torch.no_grad()
+    def embed(self, instructions: Sequence[str], mix: Mapping[str, Weight]) -> torch.Tensor:
+        """Last-layer hidden state at the last prompt token, one row per instruction."""
+        prompts = self._prompt_ids(instructions)
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for s in range(0, len(order), self.cfg.eval.batch_size):
+            idx = order[s : s + self.cfg.eval.batch_size]
+            ids, mask = self._left_pad([prompts[i] for i in idx])
+            weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+            with self.adapters.mixing(weights):
+                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            last = out.hidden_states[-1][:, -1, :]  # left padding: last column is the last token
+            for j, i in enumerate(idx):
+                rows[i] = last[j].float()
+        return torch.stack(rows)
+
+
+def _sq_dist(adapters: DualLoRA, roles: Sequence[str], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(())
+    for role in roles:
+        for k, p in adapters.params[role].items():
+            total = total + (p - ref[k]).pow(2).sum()
+    return total
