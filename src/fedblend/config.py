@@ -102,8 +102,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:
-        if self.micro_batch_size > self.batch_size:
-            self.micro_batch_size = self.batch_size
+        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
         return self
 
 

@@ -117,7 +117,7 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
         )
         etask = progress.add_task("evaluate", total=n_eval) if progress else None
         results = evaluate_text(
-            algorithm, trainer, fed, finals[fed.clients[0].cid], states, contexts, cfg.eval.ttp,
+            algorithm, trainer, fed, finals, states, contexts, cfg.eval.ttp,
             progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
         )
         eval_s = time.perf_counter() - t_eval

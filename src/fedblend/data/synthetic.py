@@ -11,10 +11,7 @@ import random
 
 from fedblend.data.sources import Example
 
-_WORDS = (
-    "apple river stone cloud garden window pencil forest candle silver tiger ocean "
-    "mountain button rocket violin lemon castle harbor meadow"
-).split()
+_WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "pencil", "forest", "candle", "silver", "tiger", "ocean", "mountain", "button", "rocket", "violin", "lemon", "castle", "harbor", "meadow"]
 
 
 def _reverse(rng: random.Random) -> Example:

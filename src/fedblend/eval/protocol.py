@@ -42,43 +42,63 @@ def _fingerprint(adapters: State, mix: dict[str, Any]) -> str | None:
     return h.hexdigest()
 
 
+def evaluate_client(
+    algorithm: Algorithm,
+    trainer,
+    fed: Federation,
+    ctx: ClientContext,
+    final: Message,
+    state: State,
+    ttp: bool,
+    cache: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ClientEval:
+    """Score one client's model (its eval adapters and mixing) on its own task, and on every
+    task when ``ttp``. Runs where the client's private state is (in-process or on a node)."""
+    client = fed.client(ctx.cid)
+    adapters = algorithm.eval_adapters(final, state)
+    load_into(trainer, adapters)
+    tasks: Sequence[str] = fed.tasks if ttp else [client.task]
+    ev = ClientEval(task=client.task, scores={})
+    for task in tasks:
+        examples = fed.test_by_task[task]
+        instructions = [e.instruction for e in examples]
+        mix, weights = algorithm.eval_mix(ctx, instructions)
+        key = _fingerprint(adapters, mix) if cache is not None else None
+        if key is not None and (key, task) in cache:
+            ev.scores[task], ev.predictions[task] = cache[(key, task)]
+            if progress:
+                progress(len(examples))
+            continue
+        preds = trainer.generate(instructions, mix, progress=progress)
+        ev.scores[task] = score(preds, [e.output for e in examples])
+        ev.predictions[task] = preds
+        if weights is not None:
+            ev.weights[task] = [float(w) for w in weights]
+        if key is not None:
+            cache[(key, task)] = (ev.scores[task], preds)
+    return ev
+
+
 def evaluate_text(
     algorithm: Algorithm,
     trainer,
     fed: Federation,
-    final: Message,
+    finals: dict[int, Message],
     client_states: dict[int, State],
     contexts: dict[int, ClientContext],
     ttp: bool,
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, ClientEval]:
-    results: dict[int, ClientEval] = {}
-    cache: dict[tuple[str, str], tuple[dict[str, float], list[str]]] = {}
-    for client in fed.clients:
-        ctx = contexts[client.cid]
-        adapters = algorithm.eval_adapters(final, client_states.get(client.cid, {}))
-        load_into(trainer, adapters)
-        tasks: Sequence[str] = fed.tasks if ttp else [client.task]
-        ev = ClientEval(task=client.task, scores={})
-        for task in tasks:
-            examples = fed.test_by_task[task]
-            instructions = [e.instruction for e in examples]
-            mix, weights = algorithm.eval_mix(ctx, instructions)
-            key = _fingerprint(adapters, mix)
-            if key is not None and (key, task) in cache:
-                ev.scores[task], ev.predictions[task] = cache[(key, task)]
-                if progress:
-                    progress(len(examples))
-                continue
-            preds = trainer.generate(instructions, mix, progress=progress)
-            ev.scores[task] = score(preds, [e.output for e in examples])
-            ev.predictions[task] = preds
-            if weights is not None:
-                ev.weights[task] = [float(w) for w in weights]
-            if key is not None:
-                cache[(key, task)] = (ev.scores[task], preds)
-        results[client.cid] = ev
-    return results
+    """Every client's evaluation; identical client models are generated for only once."""
+    cache: dict = {}
+    return {
+        c.cid: evaluate_client(
+            algorithm, trainer, fed, contexts[c.cid], finals[c.cid],
+            client_states.get(c.cid, {}), ttp, cache=cache, progress=progress,
+        )
+        for c in fed.clients
+    }
 
 
 def summarize(results: dict[int, ClientEval], metric: str) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fedblend.errors import FedblendError  # noqa: E402
-from fedblend.reports.rundir import RunDir  # noqa: E402
+from fedblend.errors import FedblendError
+from fedblend.reports.rundir import RunDir
 
 
 def _png(fig) -> str:
