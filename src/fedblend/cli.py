@@ -111,6 +111,56 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a completed run directory
     print_summary(r.summary(), run_dir)
 
 
+def _print_compare(result: dict[str, Any], out: Path) -> None:
+    t = Table(title="comparison (same federation and seed)")
+    for col in ("method", "mean P", "mean TTP", "bytes up", "bytes down", "wall s"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["runs"]:
+        p = f"{r['P']:.4f}" if "P" in r else "-"
+        ttp = f"{r['TTP']:.4f}" if "TTP" in r else "-"
+        t.add_row(r["label"], p, ttp, _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}")
+    console.print(t)
+    metric = next((r["metric"] for r in result["runs"] if "metric" in r), None)
+    if metric:
+        console.print(f"P and TTP are mean {metric} over clients; details in {out}/compare.json and {out}/report.html")
+
+
+@app.command()
+def compare(
+    configs: Annotated[list[Path], typer.Argument(help="experiment configs to run side by side")],
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="comparison directory")] = Path("runs/compare"),
+    resume: Annotated[bool, typer.Option("--resume", help="reuse completed runs, resume unfinished ones")] = False,
+) -> None:
+    """Run several configs (same overrides) and print one table; writes compare.json + report."""
+    from fedblend.compare import load_configs, run_compare
+
+    try:
+        cfgs = load_configs(configs, set_ or [])
+        result = run_compare(cfgs, out, resume=resume)
+    except FedblendError as e:
+        _fail(e)
+        return
+    _print_compare(result, out)
+
+
+@app.command()
+def demo(
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="comparison directory")] = Path("runs/demo"),
+) -> None:
+    """The embedded default: local vs fedit with SmolLM2 on a small flan8 federation, offline."""
+    from fedblend.compare import demo_configs, run_compare
+
+    try:
+        cfgs = demo_configs(set_ or [])
+        result = run_compare(cfgs, out, resume=True)
+    except FedblendError as e:
+        _fail(e)
+        return
+    _print_compare(result, out)
+
+
 def main() -> None:
     try:
         app()

@@ -100,11 +100,6 @@ class TrainConfig(_Section):
     # FedProx
     prox_mu: float = Field(0.0, ge=0)
 
-    @model_validator(mode="after")
-    def _micro(self) -> TrainConfig:
-        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
-        return self
-
 
 class EvalConfig(_Section):
     max_per_task: int = Field(0, ge=0, description="0 = whole test set")

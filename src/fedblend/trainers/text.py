@@ -114,8 +114,9 @@ class TextTrainer:
                     n_tokens = sum(sum(1 for t in y if t != -100) for _, y in batch)
                     opt.zero_grad(set_to_none=True)
                     total = 0.0
-                    for s in range(0, len(batch), tc.micro_batch_size):
-                        ids, labels, mask = self._collate(batch[s : s + tc.micro_batch_size])
+                    micro = min(tc.micro_batch_size, tc.batch_size)
+                    for s in range(0, len(batch), micro):
+                        ids, labels, mask = self._collate(batch[s : s + micro])
                         logits = self.model(input_ids=ids, attention_mask=mask).logits
                         loss_sum = torch.nn.functional.cross_entropy(
                             logits[:, :-1].reshape(-1, logits.size(-1)),
