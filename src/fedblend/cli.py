@@ -88,6 +88,23 @@ def run(
 
 
 @app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a completed text run directory")],
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="new run directory for the re-evaluation")] = ...,
+) -> None:
+    """Re-evaluate a completed run with other eval.* settings (e.g. eval.weighting=static)."""
+    from fedblend.experiment import evaluate_run
+
+    try:
+        summary = evaluate_run(run_dir, set_ or [], out)
+    except FedblendError as e:
+        _fail(e)
+        return
+    print_summary(summary, out)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a completed run directory")]) -> None:
     """Render DIR/report.html (plots of losses, scores, bytes)."""
     from fedblend.reports.html import write_report

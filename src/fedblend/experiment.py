@@ -15,7 +15,7 @@ from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
 from fedblend.engines.inprocess import Tap, Transport, run_rounds
-from fedblend.reports.rundir import RunDir
+from fedblend.reports.rundir import RunDir, save_state
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +57,6 @@ def run_experiment(
 def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) -> dict[str, Any]:
     from fedblend.backbones.text import load_text_backbone
     from fedblend.data.federation import build_federation
-    from fedblend.eval.protocol import evaluate_text, summarize
     from fedblend.trainers.text import TextTrainer
 
     t0 = time.perf_counter()
@@ -111,42 +110,59 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
                 progress.remove_task(task)
         finish_s = time.perf_counter() - t_fin
 
-        t_eval = time.perf_counter()
-        n_eval = sum(len(v) for v in fed.test_by_task.values()) * (
-            len(fed.clients) if cfg.eval.ttp else 1
-        )
+    # what each client holds after training: the final payload and its finished private state
+    save_state(run.path / "final" / "server.safetensors", final.tensors)
+    for cid, st in states.items():
+        save_state(run.path / "final" / "clients" / f"{cid}.safetensors", st)
+    train_info = {
+        "comm": {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down},
+        "time": {"load_s": load_s, "train_s": loop.train_s, "finish_s": finish_s,
+                 "per_round_s": [r["seconds"] for r in run.rounds()]},
+        "resumed_at_round": start_round or None,
+    }
+    return evaluate_and_summarize(cfg, run, fed, algorithm, trainer, finals, states, contexts, train_info, t0)
+
+
+def evaluate_and_summarize(
+    cfg: ExperimentConfig, run: RunDir, fed, algorithm, trainer, finals, states, contexts,
+    train_info: dict[str, Any], t0: float,
+) -> dict[str, Any]:
+    """Evaluate every client where its state is, export adapters, write summary and report."""
+    from fedblend.eval.protocol import evaluate_text, summarize
+
+    t_eval = time.perf_counter()
+    n_eval = sum(len(v) for v in fed.test_by_task.values()) * (len(fed.clients) if cfg.eval.ttp else 1)
+    with progress_bars(cfg.engine.progress) as progress:
         etask = progress.add_task("evaluate", total=n_eval) if progress else None
         results = evaluate_text(
             algorithm, trainer, fed, finals, states, contexts, cfg.eval.ttp,
             progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
         )
-        eval_s = time.perf_counter() - t_eval
-
+    eval_s = time.perf_counter() - t_eval
     scores = summarize(results, cfg.eval.metric)
     exported = _export_adapters(algorithm, trainer, run, finals, states)
     _write_eval_records(run, fed, results)
-    per_round = [r["seconds"] for r in run.rounds()]
+    weights = [w for ev in results.values() for ws in ev.weights.values() for w in ws]
     summary: dict[str, Any] = {
         "name": cfg.name,
         "algorithm": cfg.algorithm,
         "rounds": cfg.train.rounds,
         "seed": cfg.seed,
         "metric": cfg.eval.metric,
+        "weighting": {"mode": cfg.eval.weighting, "convention": cfg.eval.weighting_convention}
+        if cfg.algorithm.startswith("feddpa") else None,
         **scores,
         "comm": {
-            "bytes_up": transport.bytes_up,
-            "bytes_down": transport.bytes_down,
+            **train_info["comm"],
             "shared_roles": list(algorithm.shared_roles),
             "adapter_params": {r: trainer.adapters.num_parameters(r) for r in trainer.adapters.roles},
         },
         "time": {
             "wall_s": time.perf_counter() - t0,
-            "load_s": load_s,
-            "train_s": loop.train_s,
-            "per_round_s": per_round,
-            "finish_s": finish_s,
+            **train_info["time"],
             "eval_s": eval_s,
             "eval_instances": n_eval,
+            "eval_s_per_instance": eval_s / max(1, n_eval),
         },
         "memory": {"peak_rss_mb": peak_rss_mb()},
         "data": {
@@ -155,13 +171,25 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
             "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
         },
         "adapters": exported,
-        "resumed_at_round": start_round or None,
+        "instance_weights": _weight_stats(results) if weights else None,
+        "resumed_at_round": train_info.get("resumed_at_round"),
+        "evaluated_from": train_info.get("evaluated_from"),
     }
     run.write_summary(summary)
     from fedblend.reports.html import write_report
 
     write_report(run.path)
     return summary
+
+
+def _weight_stats(results) -> dict[str, Any]:
+    own = [w for ev in results.values() for t, ws in ev.weights.items() if t == ev.task for w in ws]
+    other = [w for ev in results.values() for t, ws in ev.weights.items() if t != ev.task for w in ws]
+
+    def stats(v):
+        return {"n": len(v), "mean": sum(v) / len(v), "min": min(v), "max": max(v)} if v else None
+
+    return {"own_task": stats(own), "other_tasks": stats(other)}
 
 
 def _export_adapters(algorithm, trainer, run: RunDir, finals, states) -> dict[str, Any]:
@@ -194,3 +222,53 @@ def _write_eval_records(run: RunDir, fed, results) -> None:
                 lines.append(json.dumps(rec))
     (run.path / "eval").mkdir(exist_ok=True)
     (run.path / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
+    """Re-evaluate a completed text run with other ``eval.*`` settings (e.g. FedDPA weightings)
+    from the states its clients held after training; writes a new run directory."""
+    from fedblend.backbones.text import load_text_backbone
+    from fedblend.comm.codec import Message
+    from fedblend.config import config_from_dict
+    from fedblend.data.federation import build_federation
+    from fedblend.errors import ConfigError, FedblendError
+    from fedblend.reports.rundir import load_state
+    from fedblend.trainers.text import TextTrainer
+
+    src = RunDir(source)
+    if not src.complete or not (src.path / "final" / "server.safetensors").is_file():
+        raise FedblendError(f"{src.path}: not a completed text run with final states")
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "engine."))]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: only eval.* and engine.* can change when re-evaluating")
+    cfg = config_from_dict(src.config(), overrides, source=str(src.path / "config.json"))
+    run = RunDir(out)
+    run.start(cfg.to_dict(), resume=False)
+    try:
+        t0 = time.perf_counter()
+        (run.path / "metrics.jsonl").write_text((src.path / "metrics.jsonl").read_text())
+        fed = build_federation(cfg)
+        algorithm = make_algorithm(cfg)
+        backbone, tok = load_text_backbone(cfg.model, cfg.seed)
+        trainer = TextTrainer(cfg, backbone, tok)
+        final = Message(tensors=load_state(src.path / "final" / "server.safetensors"))
+        states, finals, contexts = {}, {}, {}
+        for c in fed.clients:
+            p = src.path / "final" / "clients" / f"{c.cid}.safetensors"
+            states[c.cid] = load_state(p) if p.is_file() else {}
+            finals[c.cid] = final
+            contexts[c.cid] = ClientContext(
+                cid=c.cid, round=cfg.train.rounds, seed=client_seed(cfg.seed, cfg.train.rounds, c.cid),
+                examples=c.train, trainer=trainer, cfg=cfg,
+            )
+        old = src.summary()
+        keep = ("load_s", "train_s", "finish_s", "per_round_s")
+        train_info = {
+            "comm": {k: old["comm"][k] for k in ("bytes_up", "bytes_down")},
+            "time": {k: old["time"][k] for k in keep if k in old["time"]},
+            "evaluated_from": str(src.path),
+        }
+        return evaluate_and_summarize(cfg, run, fed, algorithm, trainer, finals, states, contexts, train_info, t0)
+    except BaseException as e:
+        run.fail(e)
+        raise

@@ -10,6 +10,8 @@ _REGISTRY: dict[str, str] = {
     "local": "fedblend.algorithms.local:Local",
     "fedit": "fedblend.algorithms.fedit:FedIT",
     "centralized": "fedblend.algorithms.fedit:Centralized",
+    "feddpa_t": "fedblend.algorithms.feddpa:FedDPAT",
+    "feddpa_f": "fedblend.algorithms.feddpa:FedDPAF",
 }
 
 

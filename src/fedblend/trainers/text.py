@@ -209,8 +209,11 @@ class TextTrainer:
             idx = order[s : s + self.cfg.eval.batch_size]
             ids, mask = self._left_pad([prompts[i] for i in idx])
             weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with self.adapters.mixing(weights):
-                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+                )
             last = out.hidden_states[-1][:, -1, :]  # left padding: last column is the last token
             for j, i in enumerate(idx):
                 rows[i] = last[j].float()

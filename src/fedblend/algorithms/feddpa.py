@@ -1,0 +1,134 @@
+"""FedDPA: dual-personalizing adapters (Yang et al., NeurIPS 2024, arXiv 2403.19211).
+
+A global LoRA G (FedAvg'd by the server) and a local LoRA L (never leaves the client) on
+one frozen backbone; each layer computes ``h = W0 x + s (w_g B_g A_g x + w_l B_l A_l x)``.
+
+- FedDPA-T (alternating): round 0 trains G only; in rounds >= 1 each client first trains L
+  with ``h = W0 x + s (a L x + (1 - a) stopgrad(G x))`` (a = ``train.local_weight``), then
+  trains G alone, and uploads G. L persists on the client from round to round.
+- FedDPA-F (fine-tune): FedIT for R rounds; then each client copies the final G into L and
+  fine-tunes L alone on its own data for ``train.finetune_epochs``.
+
+Inference weighting (``eval.weighting``): ``global`` (G only), ``local`` (L only), ``static``
+(one weight w), ``dynamic`` (instance-wise: ``w = lambda * mean top-k cos(e(x), e(s))`` over the
+client's own training prompts s, e = last-layer hidden state at the last prompt token with L
+active; the reference prompts are embedded once per client and cached).
+``eval.weighting_convention``: ``intent`` (default) gives w to the LOCAL adapter (an input
+that resembles the client's data leans on its own adapter); ``official`` gives w to the
+GLOBAL adapter and 1 - w to the local one, as the released code does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.algorithms.fedit import train_global
+from fedblend.comm.codec import Message
+from fedblend.errors import ConfigError
+
+
+def dynamic_weights(
+    test_emb: torch.Tensor, reference_emb: torch.Tensor, lam: float, top_k: int
+) -> torch.Tensor:
+    """``lambda * mean of the top-k cosine similarities`` of each test row to the references."""
+    a = torch.nn.functional.normalize(test_emb.float(), dim=-1)
+    b = torch.nn.functional.normalize(reference_emb.float(), dim=-1)
+    sims = a @ b.T
+    k = min(top_k, sims.shape[1])
+    return lam * sims.topk(k, dim=1).values.mean(dim=1)
+
+
+class _DualAdapter(Algorithm):
+    shared_roles = ("global",)
+
+    def eval_adapters(self, final: Message, state: State) -> State:
+        return {"global": final.tensors["global"], "local": state["local"]}
+
+    def eval_adapters_roles(self) -> tuple[str, ...]:
+        return ("global", "local")
+
+    def _reference_embeddings(self, ctx: ClientContext) -> torch.Tensor:
+        """The client's own training prompts, embedded once (L active) and cached."""
+        if "reference_emb" not in ctx.extra:
+            prompts = [e.instruction for e in ctx.examples]
+            limit = self.cfg.eval.dynamic_reference
+            if limit and len(prompts) > limit:
+                g = torch.Generator().manual_seed(ctx.seed)
+                idx = torch.randperm(len(prompts), generator=g)[:limit].sort().values.tolist()
+                prompts = [prompts[i] for i in idx]
+            ctx.extra["reference_emb"] = ctx.trainer.embed(prompts, {"local": 1.0})
+        return ctx.extra["reference_emb"]
+
+    def eval_mix(self, ctx: ClientContext, instructions: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        ec = self.cfg.eval
+        if ec.weighting == "global":
+            return {"global": 1.0}, None
+        if ec.weighting == "local":
+            return {"local": 1.0}, None
+        if ec.weighting == "static":
+            w: Any = ec.static_weight
+            record = None
+        else:
+            ref = self._reference_embeddings(ctx)
+            emb = ctx.trainer.embed(list(instructions), {"local": 1.0})
+            w = dynamic_weights(emb, ref, ec.dynamic_lambda, ec.dynamic_top_k)
+            record = w
+        if ec.weighting_convention == "intent":
+            return {"local": w, "global": 1 - w}, record
+        return {"global": w, "local": 1 - w}, record
+
+
+class FedDPAT(_DualAdapter):
+    name = "feddpa_t"
+
+    def init_client_state(self, trainer, cid: int) -> State:
+        return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}
+
+    def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
+        steps = trainer.train_steps(n_examples, self.cfg.train.local_epochs)
+        return steps if rnd == 0 else 2 * steps
+
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        tr, tc = ctx.trainer, self.cfg.train
+        metrics: dict[str, float] = {}
+        tr.adapters.set("local", state["local"])
+        if ctx.round >= 1:
+            # local phase: L trains beside a stop-gradient copy of the received G
+            tr.adapters.set("global", payload.tensors["global"])
+            a = tc.local_weight
+            stats = tr.train(
+                ("client", ctx.cid), ctx.examples, ["local"], {"local": a, "global": 1 - a},
+                tc.local_epochs, ctx.seed + 1, progress=ctx.progress,
+            )
+            metrics["loss_local"] = stats["loss"]
+        update = train_global(ctx, payload, tc.local_epochs)  # global phase: G alone
+        update.metrics = {**update.metrics, **metrics}
+        return update, {"local": tr.adapters.get("local")}
+
+
+class FedDPAF(_DualAdapter):
+    name = "feddpa_f"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        if cfg.train.finetune_epochs <= 0:
+            raise ConfigError("train.finetune_epochs: must be > 0 for feddpa_f")
+
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        return train_global(ctx, payload, self.cfg.train.local_epochs), state
+
+    def finish_steps(self, n_examples: int, trainer) -> int:
+        return trainer.train_steps(n_examples, self.cfg.train.finetune_epochs)
+
+    def finish_client(self, ctx: ClientContext, final: Message, state: State) -> State:
+        tr = ctx.trainer
+        tr.adapters.set("local", final.tensors["global"])  # L starts as the final G
+        tr.train(
+            ("client", ctx.cid), ctx.examples, ["local"], {"local": 1.0},
+            self.cfg.train.finetune_epochs, ctx.seed, progress=ctx.progress,
+        )
+        return {"local": tr.adapters.get("local")}
