@@ -102,7 +102,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:
-        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
+        if self.micro_batch_size > self.batch_size:  # assigning re-validates: only when needed
+            self.micro_batch_size = self.batch_size
         return self
 
 
