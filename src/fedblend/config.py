@@ -102,7 +102,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _micro(self) -> TrainConfig:
-        if self.micro_batch_size > self.batch_size:  # assigning re-validates: only when needed
+        # assigning re-runs this validator (validate_assignment): assign only when needed
+        if self.micro_batch_size > self.batch_size:  # noqa: PLR1730
             self.micro_batch_size = self.batch_size
         return self
 

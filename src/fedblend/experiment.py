@@ -57,7 +57,7 @@ def run_experiment(
 def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) -> dict[str, Any]:
     from fedblend.backbones.text import load_text_backbone
     from fedblend.data.federation import build_federation
-    from fedblend.eval.protocol import evaluate_text, summarize
+    from fedblend.eval.protocol import evaluate_text
     from fedblend.trainers.text import TextTrainer
 
     t0 = time.perf_counter()
@@ -122,11 +122,54 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
         )
         eval_s = time.perf_counter() - t_eval
 
-    scores = summarize(results, cfg.eval.metric)
     exported = _export_adapters(algorithm, trainer, run, finals, states)
-    _write_eval_records(run, fed, results)
+    write_eval_records(run, test_references(fed), results)
+    times = {
+        "wall_s": time.perf_counter() - t0,
+        "load_s": load_s,
+        "train_s": loop.train_s,
+        "finish_s": finish_s,
+        "eval_s": eval_s,
+        "eval_instances": n_eval,
+    }
+    summary = build_summary(
+        cfg, algorithm, results, run, transport, trainer, times, data_info(fed), exported, start_round
+    )
+    complete_run(run, summary)
+    return summary
+
+
+def data_info(fed) -> dict[str, Any]:
+    return {
+        "clients": len(fed.clients),
+        "train_examples": {str(c.cid): len(c.train) for c in fed.clients},
+        "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
+    }
+
+
+def test_references(fed) -> dict[str, list[str]]:
+    return {t: [e.output for e in v] for t, v in fed.test_by_task.items()}
+
+
+def build_summary(
+    cfg: ExperimentConfig,
+    algorithm,
+    results,
+    run: RunDir,
+    transport: Transport,
+    trainer,
+    times: dict[str, Any],
+    data: dict[str, Any],
+    exported: dict[str, Any],
+    start_round: int,
+) -> dict[str, Any]:
+    """The summary.json of a text run, whichever engine ran it. ``times`` holds wall_s, load_s,
+    train_s, finish_s, eval_s and eval_instances; per-round seconds come from metrics.jsonl."""
+    from fedblend.eval.protocol import summarize
+
+    scores = summarize(results, cfg.eval.metric)
     per_round = [r["seconds"] for r in run.rounds()]
-    summary: dict[str, Any] = {
+    return {
         "name": cfg.name,
         "algorithm": cfg.algorithm,
         "rounds": cfg.train.rounds,
@@ -140,28 +183,27 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
             "adapter_params": {r: trainer.adapters.num_parameters(r) for r in trainer.adapters.roles},
         },
         "time": {
-            "wall_s": time.perf_counter() - t0,
-            "load_s": load_s,
-            "train_s": loop.train_s,
+            "wall_s": times["wall_s"],
+            "load_s": times["load_s"],
+            "train_s": times["train_s"],
             "per_round_s": per_round,
-            "finish_s": finish_s,
-            "eval_s": eval_s,
-            "eval_instances": n_eval,
+            "finish_s": times["finish_s"],
+            "eval_s": times["eval_s"],
+            "eval_instances": times["eval_instances"],
         },
         "memory": {"peak_rss_mb": peak_rss_mb()},
-        "data": {
-            "clients": len(fed.clients),
-            "train_examples": {str(c.cid): len(c.train) for c in fed.clients},
-            "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
-        },
+        "data": data,
         "adapters": exported,
         "resumed_at_round": start_round or None,
     }
-    run.write_summary(summary)
+
+
+def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
+    """Write summary.json (which marks the run complete) and report.html."""
     from fedblend.reports.html import write_report
 
+    run.write_summary(summary)
     write_report(run.path)
-    return summary
 
 
 def _export_adapters(algorithm, trainer, run: RunDir, finals, states) -> dict[str, Any]:
@@ -181,14 +223,15 @@ def _export_adapters(algorithm, trainer, run: RunDir, finals, states) -> dict[st
     return out
 
 
-def _write_eval_records(run: RunDir, fed, results) -> None:
+def write_eval_records(run: RunDir, references: dict[str, list[str]], results) -> None:
+    """eval/predictions.jsonl: one line per (client, test instance)."""
     lines = []
     for cid, ev in results.items():
         for task, preds in ev.predictions.items():
             weights = ev.weights.get(task)
-            for i, (ex, pred) in enumerate(zip(fed.test_by_task[task], preds, strict=True)):
+            for i, (ref, pred) in enumerate(zip(references[task], preds, strict=True)):
                 rec = {"client": cid, "task": task, "own_task": task == ev.task, "index": i,
-                       "prediction": pred, "reference": ex.output}
+                       "prediction": pred, "reference": ref}
                 if weights is not None:
                     rec["weight"] = weights[i]
                 lines.append(json.dumps(rec))
