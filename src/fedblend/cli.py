@@ -111,6 +111,15 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a completed run directory
     print_summary(r.summary(), run_dir)
 
 
+def _register_subcommands() -> None:
+    from fedblend.deploy.cli import deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()
