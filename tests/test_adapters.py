@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_raw
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from conftest import tiny_raw
 from fedblend.backbones.text import load_text_backbone
 from fedblend.config import config_from_dict
 from fedblend.data import synthetic

@@ -5,8 +5,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED, shared_flan8, tiny_raw
+
 from fedblend.config import config_from_dict
 from fedblend.data import synthetic
 from fedblend.data.federation import build_federation, partition_by_label

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, shared_flan8, smollm2_available
 from typer.testing import CliRunner
 
-from conftest import ROOT, shared_flan8, smollm2_available
 from fedblend.cli import app
 
 pytestmark = [

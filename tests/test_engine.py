@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_raw
+
 from fedblend.aggregation.fedavg import weighted_mean
 from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import config_from_dict

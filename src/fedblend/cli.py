@@ -178,6 +178,15 @@ def demo(
     _print_compare(result, out)
 
 
+def _register_subcommands() -> None:
+    from fedblend.deploy.cli import deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()

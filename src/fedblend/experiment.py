@@ -128,7 +128,7 @@ def evaluate_and_summarize(
     train_info: dict[str, Any], t0: float,
 ) -> dict[str, Any]:
     """Evaluate every client where its state is, export adapters, write summary and report."""
-    from fedblend.eval.protocol import evaluate_text, summarize
+    from fedblend.eval.protocol import evaluate_text
 
     t_eval = time.perf_counter()
     n_eval = sum(len(v) for v in fed.test_by_task.values()) * (len(fed.clients) if cfg.eval.ttp else 1)
@@ -139,11 +139,51 @@ def evaluate_and_summarize(
             progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
         )
     eval_s = time.perf_counter() - t_eval
-    scores = summarize(results, cfg.eval.metric)
     exported = _export_adapters(algorithm, trainer, run, finals, states)
-    _write_eval_records(run, fed, results)
+    write_eval_records(run, test_references(fed), results)
+    times = {"wall_s": time.perf_counter() - t0, **train_info["time"], "eval_s": eval_s,
+             "eval_instances": n_eval}
+    extra = {k: train_info.get(k) for k in ("resumed_at_round", "evaluated_from")}
+    summary = build_summary(
+        cfg, algorithm, results, run, train_info["comm"], trainer, times, data_info(fed), exported, extra
+    )
+    complete_run(run, summary)
+    return summary
+
+
+def data_info(fed) -> dict[str, Any]:
+    return {
+        "clients": len(fed.clients),
+        "train_examples": {str(c.cid): len(c.train) for c in fed.clients},
+        "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
+    }
+
+
+def test_references(fed) -> dict[str, list[str]]:
+    return {t: [e.output for e in v] for t, v in fed.test_by_task.items()}
+
+
+def build_summary(
+    cfg: ExperimentConfig,
+    algorithm,
+    results,
+    run: RunDir,
+    comm: dict[str, int],
+    trainer,
+    times: dict[str, Any],
+    data: dict[str, Any],
+    exported: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary.json of a text run, whichever engine ran it. ``comm`` holds bytes_up and
+    bytes_down; ``times`` wall_s, load_s, train_s, finish_s, eval_s and eval_instances;
+    per-round seconds come from metrics.jsonl."""
+    from fedblend.eval.protocol import summarize
+
+    scores = summarize(results, cfg.eval.metric)
     weights = [w for ev in results.values() for ws in ev.weights.values() for w in ws]
-    summary: dict[str, Any] = {
+    n_eval = max(1, times.get("eval_instances") or 1)
+    return {
         "name": cfg.name,
         "algorithm": cfg.algorithm,
         "rounds": cfg.train.rounds,
@@ -153,33 +193,30 @@ def evaluate_and_summarize(
         if cfg.algorithm.startswith("feddpa") else None,
         **scores,
         "comm": {
-            **train_info["comm"],
+            "bytes_up": comm["bytes_up"],
+            "bytes_down": comm["bytes_down"],
             "shared_roles": list(algorithm.shared_roles),
             "adapter_params": {r: trainer.adapters.num_parameters(r) for r in trainer.adapters.roles},
         },
         "time": {
-            "wall_s": time.perf_counter() - t0,
-            **train_info["time"],
-            "eval_s": eval_s,
-            "eval_instances": n_eval,
-            "eval_s_per_instance": eval_s / max(1, n_eval),
+            **times,
+            "per_round_s": [r["seconds"] for r in run.rounds()],
+            "eval_s_per_instance": times["eval_s"] / n_eval,
         },
         "memory": {"peak_rss_mb": peak_rss_mb()},
-        "data": {
-            "clients": len(fed.clients),
-            "train_examples": {str(c.cid): len(c.train) for c in fed.clients},
-            "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
-        },
+        "data": data,
         "adapters": exported,
         "instance_weights": _weight_stats(results) if weights else None,
-        "resumed_at_round": train_info.get("resumed_at_round"),
-        "evaluated_from": train_info.get("evaluated_from"),
+        **(extra or {}),
     }
-    run.write_summary(summary)
+
+
+def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
+    """Write summary.json (which marks the run complete) and report.html."""
     from fedblend.reports.html import write_report
 
+    run.write_summary(summary)
     write_report(run.path)
-    return summary
 
 
 def _weight_stats(results) -> dict[str, Any]:
@@ -209,14 +246,15 @@ def _export_adapters(algorithm, trainer, run: RunDir, finals, states) -> dict[st
     return out
 
 
-def _write_eval_records(run: RunDir, fed, results) -> None:
+def write_eval_records(run: RunDir, references: dict[str, list[str]], results) -> None:
+    """eval/predictions.jsonl: one line per (client, test instance)."""
     lines = []
     for cid, ev in results.items():
         for task, preds in ev.predictions.items():
             weights = ev.weights.get(task)
-            for i, (ex, pred) in enumerate(zip(fed.test_by_task[task], preds, strict=True)):
+            for i, (ref, pred) in enumerate(zip(references[task], preds, strict=True)):
                 rec = {"client": cid, "task": task, "own_task": task == ev.task, "index": i,
-                       "prediction": pred, "reference": ex.output}
+                       "prediction": pred, "reference": ref}
                 if weights is not None:
                     rec["weight"] = weights[i]
                 lines.append(json.dumps(rec))

@@ -43,24 +43,37 @@ class Transport:
         else:
             self.bytes_down += n
 
-    def down(self, rnd: int, cid: int, msg: Message) -> Message:
+    def encode_down(self, rnd: int, cid: int, msg: Message) -> bytes:
+        """The wire bytes of a server -> client message, counted (and tapped)."""
         data = encode(msg)
         self._count("down", rnd, len(data))
         if self.tap:
             self.tap("down", rnd, cid, data)
-        return decode(data)
+        return data
 
-    def up(self, rnd: int, cid: int, msg: Message, allowed: Sequence[str]) -> Message:
-        illegal = [r for r in msg.tensors if r not in allowed]
-        if illegal:
-            raise ProtocolViolation(
-                f"client {cid} tried to send role(s) {illegal}; shared roles are {list(allowed)}"
-            )
-        data = encode(msg)
+    def decode_up(self, rnd: int, cid: int, data: bytes, allowed: Sequence[str]) -> Message:
+        """Count (and tap) a client -> server message and decode it; refuse unshared roles."""
         self._count("up", rnd, len(data))
         if self.tap:
             self.tap("up", rnd, cid, data)
-        return decode(data)
+        msg = decode(data)
+        check_roles(cid, msg, allowed)
+        return msg
+
+    def down(self, rnd: int, cid: int, msg: Message) -> Message:
+        return decode(self.encode_down(rnd, cid, msg))
+
+    def up(self, rnd: int, cid: int, msg: Message, allowed: Sequence[str]) -> Message:
+        check_roles(cid, msg, allowed)  # refused before anything is encoded
+        return self.decode_up(rnd, cid, encode(msg), allowed)
+
+
+def check_roles(cid: int, msg: Message, allowed: Sequence[str]) -> None:
+    illegal = [r for r in msg.tensors if r not in allowed]
+    if illegal:
+        raise ProtocolViolation(
+            f"client {cid} tried to send role(s) {illegal}; shared roles are {list(allowed)}"
+        )
 
 
 def select_clients(cfg: ExperimentConfig, rnd: int, client_ids: Sequence[int]) -> list[int]:
@@ -78,6 +91,11 @@ class LoopResult:
     train_s: float
 
 
+Dispatch = Callable[[int, dict[int, Message]], dict[int, Message]]
+"""Delivers one round's payloads (by client id) and returns the decoded updates; the engine
+decides where ``local_update`` runs (here, or on a Flower SuperNode)."""
+
+
 def run_rounds(
     algorithm: Algorithm,
     trainer: Any,
@@ -92,20 +110,15 @@ def run_rounds(
     counters: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Run rounds ``start_round..cfg.train.rounds-1``; log, checkpoint, return final states."""
-    counters = counters or {"train_s": 0.0}
-    ids = sorted(train_data)
-    for rnd in range(start_round, cfg.train.rounds):
-        t_round = time.perf_counter()
-        selected = select_clients(cfg, rnd, ids)
-        payloads = algorithm.configure_round(rnd, server_state, selected)
-        updates: dict[int, Message] = {}
-        client_metrics: dict[str, dict[str, float]] = {}
+
+    def dispatch(rnd: int, payloads: dict[int, Message]) -> dict[int, Message]:
         task = None
         if progress is not None:
-            total = sum(algorithm.update_steps(len(train_data[c]), rnd, trainer) for c in selected)
+            total = sum(algorithm.update_steps(len(train_data[c]), rnd, trainer) for c in payloads)
             task = progress.add_task(f"round {rnd + 1}/{cfg.train.rounds}", total=total)
-        for cid in selected:
-            payload = transport.down(rnd, cid, payloads[cid])
+        updates: dict[int, Message] = {}
+        for cid, sent in payloads.items():
+            payload = transport.down(rnd, cid, sent)
             ctx = ClientContext(
                 cid=cid, round=rnd, seed=client_seed(cfg.seed, rnd, cid), examples=train_data[cid],
                 trainer=trainer, cfg=cfg,
@@ -113,10 +126,40 @@ def run_rounds(
             )
             update, client_states[cid] = algorithm.local_update(ctx, payload, client_states.get(cid, {}))
             updates[cid] = transport.up(rnd, cid, update, algorithm.shared_roles)
-            client_metrics[str(cid)] = dict(update.metrics)
-        server_state = algorithm.aggregate(rnd, updates, server_state)
         if task is not None:
             progress.remove_task(task)
+        return updates
+
+    return run_round_loop(
+        algorithm, sorted(train_data), cfg, run, transport, server_state, dispatch,
+        client_states=client_states, start_round=start_round, counters=counters,
+    )
+
+
+def run_round_loop(
+    algorithm: Algorithm,
+    client_ids: Sequence[int],
+    cfg: ExperimentConfig,
+    run: RunDir,
+    transport: Transport,
+    server_state: State,
+    dispatch: Dispatch,
+    client_states: dict[int, State] | None = None,
+    start_round: int = 0,
+    counters: dict[str, Any] | None = None,
+) -> LoopResult:
+    """The server side of every engine: select, configure, dispatch, aggregate, log,
+    checkpoint. ``client_states`` are checkpointed when the engine holds them (in-process)."""
+    counters = counters or {"train_s": 0.0}
+    client_states = client_states if client_states is not None else {}
+    ids = sorted(client_ids)
+    for rnd in range(start_round, cfg.train.rounds):
+        t_round = time.perf_counter()
+        selected = select_clients(cfg, rnd, ids)
+        payloads = algorithm.configure_round(rnd, server_state, selected)
+        updates = dispatch(rnd, {cid: payloads[cid] for cid in selected})
+        client_metrics = {str(cid): dict(updates[cid].metrics) for cid in selected if cid in updates}
+        server_state = algorithm.aggregate(rnd, updates, server_state)
         seconds = time.perf_counter() - t_round
         counters["train_s"] = counters.get("train_s", 0.0) + seconds
         losses = [m["loss"] for m in client_metrics.values() if "loss" in m]

@@ -1,0 +1,1 @@
+"""Deployment helpers: a loopback SuperLink + SuperNodes (``fedblend deploy``) and dev certs."""

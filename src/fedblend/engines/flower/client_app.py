@@ -1,0 +1,103 @@
+"""The fedblend ClientApp: a SuperNode acting as one fedblend client.
+
+``query``: report which client this node is (from ``--node-config partition-id``).
+``train``: one ``local_update`` on the node's own data; only the update goes back, after
+the same shared-roles check the server applies again on receipt.
+``evaluate``: ``finish_client`` and evaluation of the client's own (private) model; only
+scores, per-instance weights and predictions go back, plus the node-local paths where its
+local adapters were exported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedblend.algorithms.base import ClientContext, client_seed
+from fedblend.comm.codec import decode, encode
+from fedblend.engines.flower import wire
+from fedblend.engines.flower.node import open_node
+from fedblend.engines.inprocess import check_roles
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    node = open_node(wire.fields(msg), context)
+    info = {
+        "cid": node.cid,
+        "task": node.client.task,
+        "train_examples": len(node.client.train),
+        "num_clients": len(node.fed.clients),
+        "test_examples": {t: len(v) for t, v in node.fed.test_by_task.items()},
+    }
+    return Message(wire.content({wire.CLIENT: json.dumps(info)}, node.timings), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    f = wire.fields(msg)
+    node = open_node(f, context)
+    rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
+    _check_cid(cid, node.cid)
+    trainer = node.load_trainer()
+    state, source = node.load_state(context, trainer)
+    ctx = ClientContext(
+        cid=cid, round=rnd, seed=client_seed(node.cfg.seed, rnd, cid),
+        examples=node.client.train, trainer=trainer, cfg=node.cfg,
+    )
+    t = time.perf_counter()
+    update, state = node.algorithm.local_update(ctx, decode(bytes(f[wire.PAYLOAD])), state)  # type: ignore[arg-type]
+    node.timings["work_s"] = time.perf_counter() - t
+    check_roles(cid, update, node.algorithm.shared_roles)
+    node.save_state(context, state, rnd + 1)
+    node.log({"type": "train", "round": rnd, "state_from": source, "state_roles": sorted(state)})
+    return Message(wire.content({wire.UPDATE: encode(update)}, node.timings), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from fedblend.eval.protocol import evaluate_client
+
+    f = wire.fields(msg)
+    node = open_node(f, context)
+    cid = int(f[wire.CID])  # type: ignore[arg-type]
+    _check_cid(cid, node.cid)
+    rounds = node.cfg.train.rounds
+    trainer = node.load_trainer()
+    state, source = node.load_state(context, trainer)
+    final = decode(bytes(f[wire.PAYLOAD]))  # type: ignore[arg-type]
+    ctx = ClientContext(
+        cid=cid, round=rounds, seed=client_seed(node.cfg.seed, rounds, cid),
+        examples=node.client.train, trainer=trainer, cfg=node.cfg,
+    )
+    t = time.perf_counter()
+    state = node.algorithm.finish_client(ctx, final, state)
+    node.timings["finish_s"] = time.perf_counter() - t
+    node.save_state(context, state, rounds)
+    t = time.perf_counter()
+    ev = evaluate_client(node.algorithm, trainer, node.fed, ctx, final, state, node.cfg.eval.ttp)
+    node.timings["eval_s"] = time.perf_counter() - t
+    exports = {}
+    for role, tensors in node.algorithm.eval_adapters(final, state).items():
+        if role != "global":  # the server exports the global adapter from the final payload
+            path = node.run_dir / "adapters" / role / f"client_{cid}"
+            trainer.adapters.export(role, tensors, path)
+            exports[role] = str(path)
+    node.log({"type": "evaluate", "round": rounds, "state_from": source, "exports": exports})
+    references = {t: [e.output for e in node.fed.test_by_task[t]] for t in ev.predictions}
+    reply = {
+        wire.EVAL: wire.eval_to_json(ev),
+        wire.EXPORTS: json.dumps(exports),
+        wire.REFERENCES: json.dumps(references),
+    }
+    return Message(wire.content(reply, node.timings), reply_to=msg)
+
+
+def _check_cid(asked: int, mine: int) -> None:
+    if asked != mine:
+        raise RuntimeError(f"the server addressed client {asked} but this node is client {mine}")

@@ -1,0 +1,120 @@
+"""What a SuperNode knows: its partition, its client's data, its private state on disk.
+
+Every Flower message starts a fresh ClientApp process, so a :class:`Node` is rebuilt per
+message from the config the server sends: the federation is rebuilt deterministically and
+the node keeps only its own client's data. The client's private state lives in
+``context.state`` (per run, per node) and in ``<state-dir>/run-<run_id>/client_<cid>.safetensors``
+so that a SuperNode restart does not lose it. Neither copy is ever sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context
+
+from fedblend.algorithms import make_algorithm
+from fedblend.algorithms.base import Algorithm, State
+from fedblend.comm.codec import Message, decode, encode
+from fedblend.config import ExperimentConfig, config_from_dict
+from fedblend.data.federation import ClientData, Federation, build_federation
+from fedblend.engines.flower import wire
+from fedblend.errors import ConfigError
+from fedblend.reports.rundir import load_state, save_state
+
+STATE_RECORD = "fedblend.client_state"  # key in context.state (stays on the node)
+
+
+def default_state_root() -> Path:
+    from fedblend.backbones.text import cache_dir
+
+    return cache_dir() / "flower-nodes"
+
+
+@dataclass
+class Node:
+    cfg: ExperimentConfig
+    algorithm: Algorithm
+    fed: Federation
+    client: ClientData
+    run_dir: Path  # node-local: <state-dir>/run-<run_id>
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cid(self) -> int:
+        return self.client.cid
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / f"client_{self.cid}.safetensors"
+
+    # ---- backbone -------------------------------------------------------------------------
+    def load_trainer(self) -> Any:
+        """The frozen backbone (memory-mapped safetensors for real models) and a trainer."""
+        from fedblend.backbones.text import load_text_backbone
+        from fedblend.trainers.text import TextTrainer
+
+        t = time.perf_counter()
+        backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed)
+        trainer = TextTrainer(self.cfg, backbone, tok)
+        self.timings["backbone_load_s"] = time.perf_counter() - t
+        return trainer
+
+    # ---- private state ----------------------------------------------------------------------
+    def load_state(self, context: Context, trainer: Any) -> tuple[State, str]:
+        """This client's state and where it came from: ``context``, ``disk`` or ``init``."""
+        rec = context.state.config_records.get(STATE_RECORD)
+        if rec is not None and int(rec["cid"]) == self.cid:  # type: ignore[arg-type]
+            return decode(bytes(rec["state"])).tensors, "context"  # type: ignore[arg-type]
+        if self.state_path.is_file():
+            return load_state(self.state_path), "disk"
+        return self.algorithm.init_client_state(trainer, self.cid), "init"
+
+    def save_state(self, context: Context, state: State, rounds_completed: int) -> None:
+        context.state[STATE_RECORD] = ConfigRecord({
+            "cid": self.cid,
+            "rounds_completed": rounds_completed,
+            "state": encode(Message(tensors=state)),
+        })
+        save_state(self.state_path, state, meta={"rounds_completed": str(rounds_completed)})
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One line per handled message in ``<run dir>/node.jsonl`` (node-local)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "node.jsonl").open("a") as f:
+            f.write(json.dumps({"cid": self.cid, **record, **self.timings}) + "\n")
+
+
+def open_node(msg_fields: Any, context: Context) -> Node:
+    """Rebuild the experiment from the config the server sent and pick this node's client."""
+    t = time.perf_counter()
+    raw = json.loads(str(msg_fields[wire.CONFIG]))
+    nc = context.node_config
+    if wire.NODE_DATA_DIR in nc:
+        raw.setdefault("data", {})["dir"] = str(nc[wire.NODE_DATA_DIR])
+    cfg = config_from_dict(raw, source="config from the ServerApp")
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.seed)
+    if wire.NODE_PARTITION not in nc:
+        raise ConfigError(f"SuperNode: --node-config needs {wire.NODE_PARTITION}=<index>")
+    partition = int(nc[wire.NODE_PARTITION])  # type: ignore[arg-type]
+    fed = build_federation(cfg)
+    if not 0 <= partition < len(fed.clients):
+        raise ConfigError(
+            f"SuperNode: {wire.NODE_PARTITION}={partition} but the federation has "
+            f"{len(fed.clients)} clients (0..{len(fed.clients) - 1})"
+        )
+    root = Path(str(nc.get(wire.NODE_STATE_DIR) or os.environ.get("FEDBLEND_NODE_DIR") or default_state_root()))
+    node = Node(
+        cfg=cfg, algorithm=make_algorithm(cfg), fed=fed, client=fed.clients[partition],
+        run_dir=root.expanduser() / f"run-{context.run_id}",
+    )
+    node.timings["setup_s"] = time.perf_counter() - t
+    return node

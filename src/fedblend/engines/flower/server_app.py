@@ -1,0 +1,243 @@
+"""The fedblend ServerApp: the in-process engine's server loop, with clients on SuperNodes.
+
+Run-config keys (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``):
+
+- ``config``: path of a fedblend config (relative paths: from the SuperLink's working dir);
+- ``overrides``: ``section.key=value`` items separated by ``;`` (like ``--set``);
+- ``out``: the run directory (default ``runs/<name>``), written on the server side;
+- ``node-wait-s``: how long to wait for one SuperNode per client;
+- ``message-timeout-s``: how long to wait for the replies of one round.
+
+The server never holds a client's private state: it sends payloads, receives updates whose
+roles it checks against ``algorithm.shared_roles`` (a violation fails the run), and at the
+end receives only evaluation results. Every received message is described in
+``<run dir>/flower/messages.jsonl`` so a run can be audited.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from fedblend.algorithms import make_algorithm
+from fedblend.algorithms.base import Algorithm
+from fedblend.comm.codec import Message as FbMessage
+from fedblend.comm.codec import decode
+from fedblend.config import ExperimentConfig, load_config
+from fedblend.engines.flower import wire
+from fedblend.engines.inprocess import Transport, run_round_loop
+from fedblend.errors import ConfigError, FedblendError
+from fedblend.eval.protocol import ClientEval
+from fedblend.reports.rundir import RunDir
+
+app = ServerApp()
+
+
+@dataclass
+class Settings:
+    config: str
+    overrides: list[str]
+    out: str
+    node_wait_s: float = 300.0
+    message_timeout_s: float = 3600.0
+
+    @classmethod
+    def from_run_config(cls, rc: Any) -> Settings:
+        if not rc.get("config"):
+            raise ConfigError("run-config: 'config' (path of a fedblend config) is required")
+        overrides = [s.strip() for s in str(rc.get("overrides", "")).split(";") if s.strip()]
+        return cls(
+            config=str(rc["config"]), overrides=overrides, out=str(rc.get("out", "")),
+            node_wait_s=float(rc.get("node-wait-s", 300)),
+            message_timeout_s=float(rc.get("message-timeout-s", 3600)),
+        )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = Settings.from_run_config(context.run_config)
+    cfg = load_config(settings.config, settings.overrides)
+    run = RunDir(settings.out or Path("runs") / cfg.name)
+    run.start(cfg.to_dict(), resume=False)
+    try:
+        serve(grid, cfg, run, settings, context.run_id)
+    except BaseException as e:
+        run.fail(e)
+        raise
+
+
+@dataclass
+class FlowerClients:
+    """The server's view of the federation: which node is which client, and its replies."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    algorithm: Algorithm
+    transport: Transport
+    run: RunDir
+    timeout_s: float
+    nodes: dict[int, int] = field(default_factory=dict)  # cid -> Flower node id
+    info: dict[int, dict[str, Any]] = field(default_factory=dict)  # cid -> query reply
+    messages: list[dict[str, Any]] = field(default_factory=list)  # per reply: type, cid, timings
+
+    @property
+    def config_json(self) -> str:
+        raw = self.cfg.to_dict()
+        data_dir = Path(self.cfg.data.dir).expanduser()
+        if self.cfg.data.kind != "synthetic" and data_dir.is_dir():
+            raw["data"]["dir"] = str(data_dir.resolve())  # nodes may run elsewhere on this host
+        return json.dumps(raw)
+
+    def _send(self, kind: str, group: str, fields_by_cid: dict[int, dict[str, Any]]) -> dict[int, Message]:
+        cfg_json = self.config_json
+        out = [
+            Message(wire.content({wire.CONFIG: cfg_json, wire.CID: cid, **f}),
+                    dst_node_id=self.nodes[cid], message_type=kind, group_id=group)
+            for cid, f in fields_by_cid.items()
+        ]
+        replies = list(self.grid.send_and_receive(out, timeout=self.timeout_s))
+        by_node = {v: k for k, v in self.nodes.items()}
+        got: dict[int, Message] = {}
+        for r in replies:
+            cid = by_node[r.metadata.src_node_id]
+            if r.has_error():
+                raise FedblendError(f"client {cid} ({kind}, round {group}): {r.error.reason}")
+            got[cid] = r
+            self.messages.append({"type": kind, "round": group, "cid": cid,
+                                  "node_id": r.metadata.src_node_id, **wire.timings(r)})
+        missing = sorted(set(fields_by_cid) - set(got))
+        if missing:
+            raise FedblendError(f"no {kind} reply from client(s) {missing} within {self.timeout_s:.0f} s")
+        return dict(sorted(got.items()))
+
+    def _inspect(self, kind: str, group: str, cid: int, r: Message, data: bytes | None) -> None:
+        rec: dict[str, Any] = {"type": kind, "round": group, "cid": cid, "records": wire.describe(r)}
+        if data is not None:
+            m = decode(data)
+            rec.update(roles=m.roles, tensors=sorted(f"{ro}::{k}" for ro in m.tensors for k in m.tensors[ro]),
+                       bytes=len(data))
+        with (self.run.path / "flower" / "messages.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def discover(self, wait_s: float) -> None:
+        """Ask every SuperNode which client it is until each client has a node."""
+        (self.run.path / "flower").mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait_s
+        expected: int | None = None
+        asked: set[int] = set()
+        while expected is None or len(self.nodes) < expected:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            for node_id in new:
+                asked.add(node_id)
+                msg = Message(wire.content({wire.CONFIG: self.config_json}), dst_node_id=node_id,
+                              message_type=MessageType.QUERY, group_id="setup")
+                for r in self.grid.send_and_receive([msg], timeout=self.timeout_s):
+                    if r.has_error():
+                        raise FedblendError(f"node {node_id} (query): {r.error.reason}")
+                    info = json.loads(str(wire.fields(r)[wire.CLIENT]))
+                    self._inspect("query", "setup", info["cid"], r, None)
+                    if info["cid"] in self.nodes:
+                        raise FedblendError(f"two SuperNodes claim client {info['cid']}: check partition-id")
+                    self.nodes[info["cid"]] = node_id
+                    self.info[info["cid"]] = info
+                    expected = info["num_clients"]
+            if expected is not None and len(self.nodes) >= expected:
+                break
+            if time.monotonic() > deadline:
+                raise FedblendError(
+                    f"{len(self.nodes)} of {expected or '?'} clients have a SuperNode after "
+                    f"{wait_s:.0f} s; start one SuperNode per client (partition-id 0..N-1)"
+                )
+            time.sleep(1.0)
+
+    def train_round(self, rnd: int, payloads: dict[int, FbMessage]) -> dict[int, FbMessage]:
+        sent = {cid: {wire.ROUND: rnd, wire.PAYLOAD: self.transport.encode_down(rnd, cid, p)}
+                for cid, p in payloads.items()}
+        updates = {}
+        for cid, r in self._send(MessageType.TRAIN, str(rnd), sent).items():
+            data = bytes(wire.fields(r)[wire.UPDATE])  # type: ignore[arg-type]
+            self._inspect("train", str(rnd), cid, r, data)
+            updates[cid] = self.transport.decode_up(rnd, cid, data, self.algorithm.shared_roles)
+        return updates
+
+    def evaluate(self, final: FbMessage) -> tuple[dict[int, ClientEval], dict[str, list[str]], dict[str, Any]]:
+        rounds = self.cfg.train.rounds
+        sent = {cid: {wire.ROUND: rounds, wire.PAYLOAD: self.transport.encode_down(rounds, cid, final)}
+                for cid in sorted(self.nodes)}
+        results: dict[int, ClientEval] = {}
+        references: dict[str, list[str]] = {}
+        local: dict[str, Any] = {}
+        for cid, r in self._send(MessageType.EVALUATE, "final", sent).items():
+            self._inspect("evaluate", "final", cid, r, None)
+            f = wire.fields(r)
+            results[cid] = wire.eval_from_json(str(f[wire.EVAL]))
+            references.update(json.loads(str(f[wire.REFERENCES])))
+            for role, path in json.loads(str(f[wire.EXPORTS])).items():
+                local.setdefault(role, {})[str(cid)] = path
+        return results, references, local
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int) -> dict[str, Any]:
+    from fedblend.backbones.text import load_text_backbone
+    from fedblend.experiment import build_summary, complete_run, write_eval_records
+    from fedblend.trainers.text import TextTrainer
+
+    t0 = time.perf_counter()
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.seed)
+    algorithm = make_algorithm(cfg)
+    if algorithm.pools_data:
+        raise ConfigError(f"algorithm: {cfg.algorithm!r} pools all data; run it in-process")
+    t = time.perf_counter()
+    backbone, tok = load_text_backbone(cfg.model, cfg.seed)
+    trainer = TextTrainer(cfg, backbone, tok)  # the server needs adapter shapes and export
+    load_s = time.perf_counter() - t
+    transport = Transport()
+    clients = FlowerClients(grid, cfg, algorithm, transport, run, settings.message_timeout_s)
+    clients.discover(settings.node_wait_s)
+    server_state = algorithm.init_server_state(trainer)
+    loop = run_round_loop(algorithm, sorted(clients.nodes), cfg, run, transport, server_state,
+                          clients.train_round)
+
+    t_eval = time.perf_counter()
+    final = algorithm.final_payload(loop.server_state)
+    results, references, local = clients.evaluate(final)
+    eval_s = time.perf_counter() - t_eval
+    exported: dict[str, Any] = {"local": local.pop("local", {}), **local}
+    if "global" in final.tensors and "global" in algorithm.eval_adapters_roles():
+        trainer.adapters.export("global", final.tensors["global"], run.path / "adapters" / "global")
+        exported["global"] = "adapters/global"
+    write_eval_records(run, references, results)
+    info = clients.info
+    data = {
+        "clients": len(info),
+        "train_examples": {str(c): info[c]["train_examples"] for c in sorted(info)},
+        "test_examples": next(iter(info.values()))["test_examples"],
+    }
+    n_eval = sum(data["test_examples"].values()) * (len(info) if cfg.eval.ttp else 1)
+    finish = [m.get("finish_s", 0.0) for m in clients.messages if m["type"] == MessageType.EVALUATE]
+    times = {"wall_s": time.perf_counter() - t0, "load_s": load_s, "train_s": loop.train_s,
+             "finish_s": max(finish, default=0.0), "eval_s": eval_s, "eval_instances": n_eval}
+    comm = {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down}
+    summary = build_summary(cfg, algorithm, results, run, comm, trainer, times, data, exported)
+    loads = [m["backbone_load_s"] for m in clients.messages if "backbone_load_s" in m]
+    run.write_json("flower/engine.json", {
+        "run_id": run_id,
+        "nodes": {str(c): n for c, n in sorted(clients.nodes.items())},
+        "server_backbone_load_s": load_s,
+        "backbone_load_s_per_message": {
+            "mean": sum(loads) / len(loads) if loads else None,
+            "max": max(loads, default=None), "n": len(loads),
+        },
+        "messages": clients.messages,
+    })
+    complete_run(run, summary)
+    return summary

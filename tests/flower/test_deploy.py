@@ -1,0 +1,42 @@
+"""A real loopback deployment (SuperLink + 2 SuperNodes) against the in-process engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedblend.deploy.local import LocalDeployment, deploy_local
+from fedblend.reports.rundir import RunDir
+
+from .conftest import TINY, TINY_OVERRIDES
+from .helpers import assert_adapters_close, assert_no_private_tensors, inprocess_reference
+
+pytestmark = pytest.mark.flower
+
+
+def test_fedit_deployment_matches_inprocess(tmp_path: Path) -> None:
+    summary, dep = deploy_local(TINY, 2, TINY_OVERRIDES, tmp_path / "flower", work=tmp_path / "work")
+    assert dep.processes() == []  # nothing left behind: daemons, ServerApp, ClientApps, SuperExec
+    ref = inprocess_reference(TINY, TINY_OVERRIDES, tmp_path / "inprocess")
+
+    run = RunDir(tmp_path / "flower")
+    assert run.complete and json.loads((run.path / "status.json").read_text())["status"] == "complete"
+    assert summary.keys() == ref.keys()
+    assert summary["comm"] == ref["comm"]  # same wire format, same byte counts
+    assert summary["clients"] == ref["clients"]
+    assert len(run.rounds()) == 2 and (run.path / "report.html").is_file()
+    assert_adapters_close(run.path / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
+    assert_no_private_tensors(run.path, ["global"], n_clients=2, rounds=2)
+    engine = json.loads((run.path / "flower" / "engine.json").read_text())
+    assert engine["backbone_load_s_per_message"]["n"] == 2 * 2 + 2
+
+
+def test_failed_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
+    # a config the nodes cannot build: the ServerApp fails, `flwr run` still exits 0
+    with pytest.raises(Exception, match="failed|not finished"):
+        deploy_local(TINY, 1, [*TINY_OVERRIDES, "lora.target_modules=['nope']"],
+                     tmp_path / "bad", work=tmp_path / "work", timeout=240)
+    assert LocalDeployment(1, tmp_path / "work").processes() == []
+    assert json.loads((tmp_path / "bad" / "status.json").read_text())["status"] == "failed"
