@@ -17,7 +17,6 @@ from .helpers import assert_adapters_close, assert_no_private_tensors, inprocess
 pytestmark = pytest.mark.flower
 
 OVERRIDES = [*TINY_OVERRIDES, "algorithm='local'"]
-REFUSED = ("denied", "unauthenticated", "not registered", "permission", "auth", "refused")
 
 
 def test_tls_auth_local_adapters_stay_on_nodes(tmp_path: Path) -> None:
@@ -29,17 +28,17 @@ def test_tls_auth_local_adapters_stay_on_nodes(tmp_path: Path) -> None:
                                         "out": str(out)})
         status = dep.wait(run_id, 300)
         intruder = dep.start_node(2, partition=0)
-        deadline = time.monotonic() + 30
+        # the SuperLink refuses the unregistered key and the SuperNode gives up by itself;
+        # its startup alone (imports) can take tens of seconds on a loaded 2-core machine
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and intruder.proc.poll() is None:
-            if any(w in intruder.log.read_text(errors="replace").lower() for w in REFUSED):
-                break
             time.sleep(1)
+        intruder_rc = intruder.proc.poll()  # read before teardown kills anything
         log = intruder.log.read_text(errors="replace").lower()
-        nodes = dep.flwr("supernode", "list", "fedblend-local", "--format", "json").stdout
     assert dep.processes() == []
     assert str(status["status"]).endswith("completed"), status
-    assert intruder.proc.returncode not in (None, 0) or any(w in log for w in REFUSED), log[-2000:]
-    assert nodes.count('"online"') <= 2 or "node_id" in nodes  # the intruder never joined
+    assert intruder_rc is not None and intruder_rc > 0, (intruder_rc, log[-2000:])
+    assert "failed to activate supernode" in log, log[-2000:]
 
     ref = inprocess_reference(TINY, OVERRIDES, tmp_path / "inprocess")
     run = RunDir(out)
