@@ -62,7 +62,7 @@ def test_same_seed_same_numbers(tmp_path: Path):
     ga = load_state(out_a / "checkpoint" / "server.safetensors")["global"]
     gb = load_state(out_b / "checkpoint" / "server.safetensors")["global"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
-    c, out_c = _run(tmp_path, "c", seed=11)
+    _, out_c = _run(tmp_path, "c", seed=11)
     gc = load_state(out_c / "checkpoint" / "server.safetensors")["global"]
     assert any(not torch.equal(ga[k], gc[k]) for k in ga)
 

