@@ -37,6 +37,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run records are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
