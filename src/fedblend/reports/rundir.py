@@ -59,7 +59,7 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> State:
 def save_state(path: Path, state: State, meta: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(_flatten(state), str(tmp), metadata=meta or {})
+    save_file(_flatten(state), str(tmp), metadata=meta or None)
     os.replace(tmp, path)
 
 

@@ -115,8 +115,9 @@ def load_clip(v: VisionConfig, class_names: Sequence[str], seed: int) -> VisionB
     tok = AutoTokenizer.from_pretrained(str(path))
     fp_weights = tensor_hash(model)  # of the fp32 weights, before quantization
     if v.nf4:
-        quantize_nf4(model.vision_model, v.double_quant)
-        quantize_nf4(model.text_model, v.double_quant)
+        # transformer Linear layers only (QLoRA); CLIP reads the patch conv's weight dtype
+        quantize_nf4(model.vision_model, v.double_quant, convs=False)
+        quantize_nf4(model.text_model, v.double_quant, convs=False)
     for p in model.parameters():
         p.requires_grad_(False)
     prompts = [v.prompt_template.format(class_name=c) for c in class_names]

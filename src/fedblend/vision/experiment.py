@@ -166,7 +166,8 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
     history = tracked.history
     target = cfg.vision.target_accuracy
     to_target = next((i + 1 for i, a in enumerate(history) if a >= target), None)
-    per_round = [r["seconds"] for r in run.rounds()]
+    logged = run.rounds()
+    per_round = [r["seconds"] for r in logged]
     exported: dict[str, Any] = {}
     if "global" in final.tensors:
         trainer.adapters.export("global", final.tensors["global"], run.path / "adapters" / "global")
@@ -186,7 +187,8 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
         "comm": {
             "bytes_up": transport.bytes_up,
             "bytes_down": transport.bytes_down,
-            "bytes_per_round": (transport.bytes_up + transport.bytes_down) / max(1, rounds),
+            # training rounds only (the final broadcast is in bytes_down, not here)
+            "bytes_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in logged]) or 0,
             "shared_roles": list(algorithm.shared_roles),
             "adapter_params": {r: trainer.adapters.num_parameters(r) for r in trainer.adapters.roles},
         },

@@ -150,4 +150,4 @@ def train_gan(gen: Generator, disc: Discriminator, feats: torch.Tensor, labels: 
         opt_g.zero_grad()
         lg.backward()
         opt_g.step()
-    return {"gan_d_loss": float(ld), "gan_g_loss": float(lg)}
+    return {"gan_d_loss": ld.item(), "gan_g_loss": lg.item()}

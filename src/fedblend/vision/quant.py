@@ -65,19 +65,26 @@ def _nf4_linear(lin: nn.Linear, double_quant: bool) -> nn.Module:
     return q.to("cpu")  # moving to a device is what quantizes a Params4bit
 
 
-def quantize_nf4(model: nn.Module, double_quant: bool = True, min_params: int = 1024) -> int:
-    """Replace Linear / Conv2d layers (>= ``min_params`` weights) by NF4 ones in place.
-    Returns the number of layers quantized."""
+def quantize_nf4(model: nn.Module, double_quant: bool = True, min_params: int = 1024,
+                 convs: bool = True) -> int:
+    """Replace Linear (and, with ``convs``, dense Conv2d) layers of >= ``min_params`` weights
+    by NF4 ones in place. Returns the number of layers quantized."""
+    # bitsandbytes' CPU (de)quantization is wrapped in torch.compile, which recompiles for
+    # every weight shape (a minute for EfficientNet); eager mode is as fast here.
+    torch._dynamo.config.disable = True
     n = 0
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear) and child.weight.numel() >= min_params:
             setattr(model, name, _nf4_linear(child, double_quant))
             n += 1
-        elif isinstance(child, nn.Conv2d) and child.weight is not None and child.weight.numel() >= min_params:
+        elif (convs and isinstance(child, nn.Conv2d) and child.groups == 1
+              and child.weight is not None and child.weight.numel() >= min_params):
+            # depthwise convs (9 weights per channel) stay fp32: NF4 blocks spanning channels
+            # of very different scale wreck them, and they hold few of the weights
             setattr(model, name, NF4Conv2d(child, double_quant))
             n += 1
         else:
-            n += quantize_nf4(child, double_quant, min_params)
+            n += quantize_nf4(child, double_quant, min_params, convs)
     return n
 
 
