@@ -138,7 +138,9 @@ class VisionConfig(_Section):
     adapter_reduction: int = Field(4, ge=1, description="residual bottleneck width = dim / reduction")
     head: Literal["auto", "text", "cosine", "linear"] = "auto"
     logit_scale: float = Field(0.0, ge=0, description="0 = the CLIP checkpoint's (or 30 without one)")
-    loss: Literal["contrastive", "ce"] = "contrastive"
+    loss: Literal["auto", "contrastive", "ce"] = Field(
+        "auto", description="auto: CLIP contrastive with a text head, cross-entropy otherwise"
+    )
     lora: bool = Field(False, description="LoRA in the backbone attention (QLoRA when nf4)")
     personal: bool = Field(False, description="also keep a private local adapter (FedDPA-style)")
     # long tail

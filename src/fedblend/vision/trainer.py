@@ -225,7 +225,10 @@ class VisionTrainer:
     def _loss(self, model: FeatureModel, f: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if self.v.balanced_loss:
             return balanced_softmax_loss(model(f), y, counts)
-        if self.head != "linear" and self.v.loss == "contrastive":
+        contrastive = self.v.loss == "contrastive" or (self.v.loss == "auto" and self.head == "text")
+        if contrastive and self.head != "linear":
+            # a client whose batch holds one class gets no signal from this loss: with
+            # learned prototypes (no text tower) "auto" uses cross-entropy over all classes
             return contrastive_loss(model.embed(f), model.class_weights(), y, self.scale)
         return F.cross_entropy(model(f), y)
 
