@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import CIFAR, REPO
 
 from fedblend.config import load_config
@@ -88,3 +89,18 @@ def test_efficientnet_on_real_cifar10(tmp_path):
     s = run_experiment(cfg, tmp_path / "run")
     assert s["data"]["train_class_counts"] == [30] * 10
     assert s["accuracy"]["overall"] > 0.15  # ImageNet features beat chance (0.10) after 2 rounds
+
+
+def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
+    from fedblend.comm.codec import decode
+    from fedblend.reports.rundir import load_state
+
+    sent: list[bytes] = []
+    out = tmp_path / "p"
+    run_experiment(_smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true"),
+                   out, tap=lambda d, r, c, b: sent.append(b) if d == "up" else None)
+    assert sent and all(list(decode(b).tensors) == ["global"] for b in sent)
+    state = load_state(out / "checkpoint" / "clients" / "0.safetensors")
+    assert set(state) == {"local"}
+    g = load_state(out / "checkpoint" / "server.safetensors")["global"]
+    assert any(not torch.equal(state["local"][k], g[k]) for k in g)
