@@ -104,3 +104,16 @@ def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
     assert set(state) == {"local"}
     g = load_state(out / "checkpoint" / "server.safetensors")["global"]
     assert any(not torch.equal(state["local"][k], g[k]) for k in g)
+
+
+def test_tripleplay_qlora_runs_on_full_forward_passes(tmp_path):
+    s = run_experiment(_smoke(tmp_path, "vision.nf4=true", "vision.lora=true", "train.rounds=1",
+                              "vision.gan_warmup_rounds=0"), tmp_path / "q")
+    assert s["time"]["feature_cache"] == {"used": False, "hits": 0, "misses": 0}
+    assert s["memory"]["nf4"] is True
+    assert s["accuracy"]["overall"] is not None
+    from safetensors.torch import load_file
+
+    shared = load_file(str(tmp_path / "q" / "adapters" / "global" / "adapter.safetensors"))
+    assert any(k.startswith("lora.") for k in shared)  # LoRA travels with the adapter
+    assert any(k.startswith("adapter.") for k in shared)
