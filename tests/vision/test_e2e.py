@@ -117,3 +117,15 @@ def test_tripleplay_qlora_runs_on_full_forward_passes(tmp_path):
     shared = load_file(str(tmp_path / "q" / "adapters" / "global" / "adapter.safetensors"))
     assert any(k.startswith("lora.") for k in shared)  # LoRA travels with the adapter
     assert any(k.startswith("adapter.") for k in shared)
+
+
+def test_zeroshot_without_text_tower_is_a_config_error(tmp_path):
+    from fedblend.config import config_from_dict
+    from fedblend.errors import ConfigError
+
+    cfg = config_from_dict({"algorithm": "zeroshot", "engine": {"progress": False},
+                            "vision": {"backbone": "efficientnet_lite0", "dataset": "synthetic",
+                                       "image_size": 32, "cache_dir": ""},
+                            "data": {"num_clients": 2}})
+    with pytest.raises(ConfigError, match="algorithm: zeroshot"):
+        run_experiment(cfg, tmp_path / "z")

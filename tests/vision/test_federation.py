@@ -87,3 +87,21 @@ def _eq(a, b):
     import torch
 
     return torch.equal(a, b)
+
+
+def test_bad_parquet_is_a_data_error_naming_the_file(tmp_path):
+    from fedblend.errors import DataError
+
+    (tmp_path / "train.parquet").write_bytes(b"not a parquet file")
+    (tmp_path / "test.parquet").write_bytes(b"not a parquet file")
+    cfg = config_from_dict({"algorithm": "fedclip", "vision": {"dir": str(tmp_path)}})
+    with pytest.raises(DataError, match="train.parquet"):
+        build_image_federation(cfg)
+
+
+def test_missing_image_dir_is_a_config_error(tmp_path):
+    from fedblend.errors import ConfigError
+
+    cfg = config_from_dict({"algorithm": "fedclip", "vision": {"dir": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match="vision.dir"):
+        build_image_federation(cfg)

@@ -93,6 +93,8 @@ class VisionTrainer:
         v = self.v
         self.head = v.head if v.head != "auto" else ("text" if backbone.text_features is not None else "cosine")
         if self.head == "text" and backbone.text_features is None:
+            if cfg.algorithm == "zeroshot":
+                raise ConfigError("algorithm: zeroshot needs a CLIP backbone (vision.backbone = 'clip')")
             raise ConfigError("vision.head: 'text' needs a backbone with a text tower (CLIP)")
         self.scale = v.logit_scale or backbone.logit_scale
         self.dim = backbone.dim
