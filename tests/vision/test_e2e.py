@@ -70,6 +70,7 @@ def test_resume_continues_a_vision_run(tmp_path):
     assert ck["rounds_completed"] == 2
     s = run_experiment(cfg, out, resume=True)
     assert s["resumed_at_round"] == 2 and RunDir(out).complete
+    assert len(s["accuracy_per_round"]) == 2
 
 
 @pytest.mark.e2e

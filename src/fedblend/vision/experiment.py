@@ -42,9 +42,13 @@ class _PerRoundEval:
     """Wraps an algorithm: after each aggregation, scores the new global adapter on the global
     test set (cheap on cached features), for accuracy per round and rounds-to-target."""
 
-    def __init__(self, algorithm, trainer, shard, enabled: bool) -> None:
-        self._a, self._tr, self._shard, self.enabled = algorithm, trainer, shard, enabled
-        self.history: list[float] = []
+    FILE = "eval/accuracy_per_round.json"
+
+    def __init__(self, algorithm, trainer, shard, enabled: bool, run: RunDir, start_round: int) -> None:
+        self._a, self._tr, self._shard, self.enabled, self._run = algorithm, trainer, shard, enabled, run
+        saved = run.path / self.FILE
+        # a resumed run keeps the rounds it already scored
+        self.history: list[float] = json.loads(saved.read_text())[:start_round] if saved.is_file() else []
 
     def __getattr__(self, name: str):
         return getattr(self._a, name)
@@ -54,6 +58,7 @@ class _PerRoundEval:
         if self.enabled and "global" in new:
             pred = self._tr.predict({"global": 1.0}, {"global": new["global"]}, self._shard)
             self.history.append(float((pred == self._shard.labels).float().mean()))
+            self._run.write_json(self.FILE, self.history)
         return new
 
 
@@ -114,7 +119,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
         else:
             server_state = algorithm.init_server_state(trainer)
             client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in train_data}
-        tracked = _PerRoundEval(algorithm, trainer, global_test, enabled=trainer.use_cache)
+        tracked = _PerRoundEval(algorithm, trainer, global_test, trainer.use_cache, run, start_round)
         loop = run_rounds(
             tracked, trainer, train_data, cfg, run, transport, server_state, client_states,
             start_round=start_round, progress=progress, counters=counters,
