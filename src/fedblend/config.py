@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedblend.errors import ConfigError
 
 TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f")
-VISION_ALGORITHMS = ("zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox")
+CORRUPTIONS = ("none", "blur", "noise", "contrast", "grayscale", "rotation")
+VISION_ALGORITHMS = (
+    "zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox", "local_adapter", "fedavg_adapter",
+)
 
 
 class _Section(BaseModel):
@@ -116,6 +119,77 @@ class EvalConfig(_Section):
     dynamic_reference: int = Field(0, ge=0, description="max local training prompts embedded; 0 = all")
 
 
+class VisionConfig(_Section):
+    """The vision path (TriplePlay / FedCLIP and baselines); see docs/vision.md."""
+
+    # backbone
+    backbone: Literal["clip", "tiny_clip", "efficientnet_lite0", "module"] = "efficientnet_lite0"
+    path: str = Field("", description="CLIP checkpoint dir (clip, tiny_clip) or 'pkg.mod:factory' (module)")
+    image_size: int = Field(224, ge=16, description="images are resized to this square size")
+    mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
+    nf4: bool = Field(False, description="load the frozen backbone in 4-bit NF4 (bitsandbytes)")
+    double_quant: bool = Field(True, description="NF4 double quantization of the block scales")
+    prompt_template: str = "a picture of a {class_name}"
+    class_names: list[str] = Field(default_factory=list, description="empty = the data set's names")
+    # trainable parts
+    adapter: Literal["attention", "residual", "none"] = "attention"
+    adapter_ratio: float = Field(0.2, gt=0, le=1, description="residual adapter mix alpha")
+    adapter_reduction: int = Field(4, ge=1, description="residual bottleneck width = dim / reduction")
+    head: Literal["auto", "text", "cosine", "linear"] = "auto"
+    logit_scale: float = Field(0.0, ge=0, description="0 = the CLIP checkpoint's (or 30 without one)")
+    loss: Literal["auto", "contrastive", "ce"] = Field(
+        "auto", description="auto: CLIP contrastive with a text head, cross-entropy otherwise"
+    )
+    lora: bool = Field(False, description="LoRA in the backbone attention (QLoRA when nf4)")
+    personal: bool = Field(False, description="also keep a private local adapter (FedDPA-style)")
+    # long tail
+    balanced_loss: bool = Field(False, description="balanced-softmax loss from client class counts")
+    gan: bool = Field(False, description="conditional feature GAN for rare/missing classes")
+    gan_noise_dim: int = Field(32, ge=1)
+    gan_hidden: int = Field(256, ge=8)
+    gan_steps: int = Field(50, ge=1, description="GAN steps per client per round")
+    gan_lr: float = Field(2e-3, gt=0)
+    gan_warmup_rounds: int = Field(1, ge=0, description="rounds before synthetic features are used")
+    gan_target: float = Field(0.5, gt=0, le=1, description="top up each class to this x max count")
+    # data and federation
+    dataset: Literal["cifar10", "synthetic"] = "cifar10"
+    dir: str = "../shared/data/cifar10"
+    federation: Literal["label_skew", "domain"] = "label_skew"
+    imbalance_factor: float = Field(1.0, ge=1, description="CIFAR-LT: class c keeps n_max*IF^(-c/(C-1))")
+    n_max: int = Field(0, ge=0, description="LT head class size; 0 = the largest class")
+    test_per_class: int = Field(0, ge=0, description="global balanced test set size per class; 0 = all")
+    own_test_size: int = Field(200, ge=1, description="per-client test split size")
+    domains: list[str] = Field(
+        default_factory=lambda: ["none", "blur", "noise", "contrast", "grayscale", "rotation"],
+        min_length=2,
+    )
+    unseen_domain: str = Field("rotation", description="held out of training (domain federation)")
+    synthetic_per_class: int = Field(24, ge=2)
+    # system
+    cache_dir: str = Field(".fedblend_cache", description="frozen-feature cache; '' = off")
+    feature_batch_size: int = Field(64, ge=1)
+    target_accuracy: float = Field(0.5, gt=0, le=1, description="for rounds_to_target")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{class_name}" not in v:
+            raise ValueError("must contain '{class_name}'")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> VisionConfig:
+        if self.backbone in ("clip", "module") and not self.path:
+            raise ValueError(f"vision.path: required when vision.backbone = {self.backbone!r}")
+        for d in self.domains:
+            if d not in CORRUPTIONS:
+                raise ValueError(f"vision.domains: unknown corruption {d!r}; choose from {', '.join(CORRUPTIONS)}")
+        if self.federation == "domain" and self.unseen_domain not in self.domains:
+            raise ValueError("vision.unseen_domain: must be one of vision.domains")
+        return self
+
+
 class EngineConfig(_Section):
     kind: Literal["inprocess", "flower"] = "inprocess"
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
@@ -133,7 +207,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    vision: dict[str, Any] = Field(default_factory=dict)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
 
     @field_validator("algorithm")
     @classmethod

@@ -28,3 +28,14 @@ def make_algorithm(cfg: ExperimentConfig) -> Algorithm:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in this build")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)(cfg)
+
+for _name, _target in {
+    "zeroshot": "fedblend.algorithms.fedclip:ZeroShot",
+    "linear_probe": "fedblend.algorithms.fedclip:LinearProbe",
+    "fedclip": "fedblend.algorithms.fedclip:FedCLIP",
+    "fedavg_adapter": "fedblend.algorithms.fedclip:FedAvgAdapter",
+    "fedprox": "fedblend.algorithms.fedclip:FedProx",
+    "local_adapter": "fedblend.algorithms.fedclip:LocalAdapter",
+    "tripleplay": "fedblend.algorithms.tripleplay:TriplePlay",
+}.items():
+    register(_name, _target)

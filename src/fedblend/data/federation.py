@@ -94,9 +94,11 @@ def _task_per_client(cfg: ExperimentConfig, pool: list[Example], test: list[Exam
 
 
 def partition_by_label(
-    examples: list[Example], num_clients: int, kind: str, seed: int, alpha: float, classes: int
+    examples: list, num_clients: int, kind: str, seed: int, alpha: float, classes: int,
+    min_size: int = 0,
 ) -> list[list[int]]:
-    """Indices of each client's examples, from a flwr-datasets partitioner."""
+    """Indices of each client's examples, from a flwr-datasets partitioner (any items with a
+    ``label``). ``min_size``: Dirichlet redraws until every partition has that many."""
     from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -111,7 +113,7 @@ def partition_by_label(
     elif kind == "dirichlet":
         part = DirichletPartitioner(
             num_partitions=num_clients, partition_by="label", alpha=alpha,
-            min_partition_size=0, self_balancing=False, shuffle=True, seed=seed,
+            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
         )
     else:
         n_labels = len(set(ds["label"]))

@@ -133,6 +133,39 @@ def _weights_plot(path: Path) -> str | None:
     return _png(fig)
 
 
+def _per_class_plot(s: dict[str, Any]) -> str | None:
+    """Vision runs: accuracy per class (global balanced test set), head/tail classes marked."""
+    accs = s.get("per_class_accuracy")
+    if not accs:
+        return None
+    names = s.get("class_names") or [str(i) for i in range(len(accs))]
+    groups = s.get("class_groups", {})
+    colour = {c: col for g, col in (("head", "tab:blue"), ("medium", "tab:gray"), ("tail", "tab:red"))
+              for c in groups.get(g, [])}
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(range(len(accs)), [a if a is not None else 0.0 for a in accs],
+           color=[colour.get(i, "tab:gray") for i in range(len(accs))])
+    ax.set_xticks(range(len(accs)), [n[:10] for n in names], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("per class (blue head, red tail)", fontsize=8)
+    return _png(fig)
+
+
+def _accuracy_rounds_plot(s: dict[str, Any]) -> str | None:
+    hist = s.get("accuracy_per_round")
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(hist) + 1), hist, marker="o")
+    target = s.get("rounds_to_target", {}).get("target")
+    if target:
+        ax.axhline(target, ls="--", color="gray", lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("global-model test accuracy")
+    return _png(fig)
+
+
 def write_report(path: str | Path) -> Path:
     """Render ``DIR/report.html`` from a completed run directory."""
     run = RunDir(path)
@@ -165,6 +198,8 @@ def write_report(path: str | Path) -> Path:
         ("P and TTP per client", _pttp_plot(s["clients"], s["metric"]) if s.get("clients") and "P" in next(iter(s["clients"].values()), {}) else None),
         ("client-by-task scores", _heatmap(s["clients"], s["metric"]) if s.get("clients") and "by_task" in next(iter(s["clients"].values()), {}) else None),
         ("instance weights: own vs other tasks", _weights_plot(run.path)),
+        ("accuracy per class", _per_class_plot(s)),
+        ("accuracy per round", _accuracy_rounds_plot(s)),
     ):
         if b64:
             figs.append(_img(title, b64))

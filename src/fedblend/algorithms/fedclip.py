@@ -1,0 +1,136 @@
+"""Vision-path algorithms on frozen image features: FedCLIP (FedAvg of the attention adapter),
+FedAvg / FedProx / local adapter baselines, zero-shot CLIP and a federated linear probe.
+
+``ctx.examples`` is a :class:`fedblend.vision.trainer.Shard`; the trainer is a
+:class:`fedblend.vision.trainer.VisionTrainer`. With ``vision.personal`` a client also keeps
+a private ``local`` adapter (FedDPA-style) and predicts with both.
+"""
+
+from __future__ import annotations
+
+from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.comm.codec import Message
+from fedblend.errors import ConfigError
+
+
+class FedCLIP(Algorithm):
+    """FedAvg of the adapter (+ trainable head, + backbone LoRA), weighted by example count."""
+
+    name = "fedclip"
+    shared_roles = ("global",)
+    prox_mu = 0.0
+
+    @property
+    def personal(self) -> bool:
+        return self.cfg.vision.personal
+
+    def init_client_state(self, trainer, cid: int) -> State:
+        if self.personal:
+            return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}
+        return {}
+
+    def synthetic(self, ctx: ClientContext, payload: Message, state: State):
+        return None
+
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        tr = ctx.trainer
+        tr.adapters.set("global", payload.tensors["global"])
+        prox = (self.prox_mu, payload.tensors["global"]) if self.prox_mu > 0 else None
+        syn = self.synthetic(ctx, payload, state)
+        stats = tr.train("global", ctx.examples, self.cfg.train.local_epochs, ctx.seed,
+                         prox=prox, synthetic=syn, progress=ctx.progress)
+        state = dict(state)
+        if self.personal:
+            tr.adapters.set("local", state["local"])
+            tr.train("local", ctx.examples, self.cfg.train.local_epochs, ctx.seed + 1, synthetic=syn)
+            state["local"] = tr.adapters.get("local")
+        return Message({"global": tr.adapters.get("global")}, len(ctx.examples), stats), state
+
+    def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
+        return trainer.train_steps(n_examples, self.cfg.train.local_epochs)
+
+    def eval_adapters(self, final: Message, state: State) -> State:
+        out = {"global": final.tensors["global"]}
+        if self.personal:
+            out["local"] = state["local"]
+        return out
+
+    def eval_mix_weights(self) -> dict[str, float]:
+        if self.personal:
+            a = self.cfg.train.local_weight
+            return {"global": 1 - a, "local": a}
+        return {"global": 1.0}
+
+
+class FedAvgAdapter(FedCLIP):
+    name = "fedavg_adapter"
+
+
+class FedProx(FedCLIP):
+    """FedAvg plus the proximal term ``mu/2 ||w - w_global||^2`` in every local step."""
+
+    name = "fedprox"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        if cfg.train.prox_mu <= 0:
+            raise ConfigError("train.prox_mu: fedprox needs a proximal weight > 0")
+        self.prox_mu = cfg.train.prox_mu
+
+
+class LocalAdapter(Algorithm):
+    """Each client trains its own adapter on its own data; nothing travels."""
+
+    name = "local_adapter"
+    shared_roles = ()
+
+    def init_server_state(self, trainer) -> State:
+        return {}
+
+    def init_client_state(self, trainer, cid: int) -> State:
+        return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}
+
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        tr = ctx.trainer
+        tr.adapters.set("local", state["local"])
+        stats = tr.train("local", ctx.examples, self.cfg.train.local_epochs, ctx.seed, progress=ctx.progress)
+        return Message({}, len(ctx.examples), stats), {"local": tr.adapters.get("local")}
+
+    def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
+        return trainer.train_steps(n_examples, self.cfg.train.local_epochs)
+
+    def eval_adapters(self, final: Message, state: State) -> State:
+        return {"local": state["local"]}
+
+    def eval_mix_weights(self) -> dict[str, float]:
+        return {"local": 1.0}
+
+
+class ZeroShot(Algorithm):
+    """CLIP only: cosine similarity to the class-prompt text features; no training, no bytes."""
+
+    name = "zeroshot"
+    shared_roles = ()
+
+    def init_server_state(self, trainer) -> State:
+        if trainer.head != "text":
+            raise ConfigError("algorithm: zeroshot needs a CLIP backbone (a text tower)")
+        return {}
+
+    def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
+        return Message({}, len(ctx.examples), {}), state
+
+    def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
+        return 0
+
+    def eval_adapters(self, final: Message, state: State) -> State:
+        return {"global": {}}
+
+    def eval_mix_weights(self) -> dict[str, float]:
+        return {"global": 1.0}
+
+
+class LinearProbe(FedCLIP):
+    """FedAvg of a linear classifier on frozen features (no adapter)."""
+
+    name = "linear_probe"

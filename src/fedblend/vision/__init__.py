@@ -1,0 +1,1 @@
+"""The vision path: frozen image backbones, feature adapters, feature cache, image federations."""
