@@ -87,7 +87,7 @@ def test_partitioners_reproducible_by_seed(kind: str):
     assert a == b
     assert a != c
     flat = [i for part in a for i in part]
-    assert len(flat) == len(set(flat))  # disjoint
+    assert sorted(flat) == list(range(len(pool)))  # disjoint and complete
 
 
 def test_pathological_gives_k_classes_per_client():

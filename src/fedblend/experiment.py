@@ -36,6 +36,28 @@ def progress_bars(enabled: bool):
         yield p
 
 
+def prepare_torch(cfg: ExperimentConfig) -> float:
+    """Thread count and global seed for a run; returns the start time."""
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.seed)
+    return time.perf_counter()
+
+
+def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
+    """Fresh server and client states, or those of the last checkpoint when resuming, with a
+    transport whose byte counters continue from the checkpoint."""
+    transport = Transport(tap=tap)
+    if start_round > 0:
+        server_state, client_states, counters = run.load_checkpoint(client_ids)
+        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+    else:
+        counters = {"train_s": 0.0}
+        server_state = algorithm.init_server_state(trainer)
+        client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in client_ids}
+    return transport, counters, server_state, client_states
+
+
 def run_experiment(
     cfg: ExperimentConfig, out: str | Path, resume: bool = False, tap: Tap | None = None
 ) -> dict[str, Any]:
@@ -59,10 +81,7 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
     from fedblend.data.federation import build_federation
     from fedblend.trainers.text import TextTrainer
 
-    t0 = time.perf_counter()
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    torch.manual_seed(cfg.seed)
+    t0 = prepare_torch(cfg)
     fed = build_federation(cfg)
     algorithm = make_algorithm(cfg)
     t_load = time.perf_counter()
@@ -73,14 +92,9 @@ def _run_text(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | N
         train_data = {0: [e for c in fed.clients for e in c.train]}
     else:
         train_data = {c.cid: c.train for c in fed.clients}
-    transport = Transport(tap=tap)
-    counters: dict[str, Any] = {"train_s": 0.0}
-    if start_round > 0:
-        server_state, client_states, counters = run.load_checkpoint(list(train_data))
-        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
-    else:
-        server_state = algorithm.init_server_state(trainer)
-        client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in train_data}
+    transport, counters, server_state, client_states = initial_states(
+        algorithm, trainer, run, list(train_data), start_round, tap
+    )
 
     with progress_bars(cfg.engine.progress) as progress:
         loop = run_rounds(

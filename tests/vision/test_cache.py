@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import vision_cfg
+from .conftest import vision_cfg
 
 from fedblend.vision.backbones import load_backbone
 from fedblend.vision.cache import FeatureCache

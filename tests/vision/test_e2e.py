@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CIFAR, REPO
+from .conftest import CIFAR, REPO
 
 from fedblend.config import load_config
 from fedblend.experiment import run_experiment

@@ -9,6 +9,7 @@ a private ``local`` adapter (FedDPA-style) and predicts with both.
 from __future__ import annotations
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.algorithms.local import Local
 from fedblend.comm.codec import Message
 from fedblend.errors import ConfigError
 
@@ -78,17 +79,10 @@ class FedProx(FedCLIP):
         self.prox_mu = cfg.train.prox_mu
 
 
-class LocalAdapter(Algorithm):
-    """Each client trains its own adapter on its own data; nothing travels."""
+class LocalAdapter(Local):
+    """Each client trains its own feature adapter on its own data; nothing travels."""
 
     name = "local_adapter"
-    shared_roles = ()
-
-    def init_server_state(self, trainer) -> State:
-        return {}
-
-    def init_client_state(self, trainer, cid: int) -> State:
-        return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
         tr = ctx.trainer

@@ -12,7 +12,7 @@ import torch
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.config import ExperimentConfig
-from fedblend.engines.inprocess import Tap, Transport, run_rounds
+from fedblend.engines.inprocess import Tap, run_rounds
 from fedblend.reports.rundir import RunDir
 
 
@@ -82,15 +82,12 @@ def _mean(xs: list[float | None]) -> float | None:
 
 
 def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) -> dict[str, Any]:
-    from fedblend.experiment import peak_rss_mb, progress_bars
+    from fedblend.experiment import initial_states, peak_rss_mb, prepare_torch, progress_bars
     from fedblend.vision.backbones import load_backbone
     from fedblend.vision.federation import build_image_federation
     from fedblend.vision.trainer import VisionTrainer
 
-    t0 = time.perf_counter()
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    torch.manual_seed(cfg.seed)
+    t0 = prepare_torch(cfg)
     cfg = effective_config(cfg)
     fed = build_image_federation(cfg)
     algorithm = make_algorithm(cfg)
@@ -111,14 +108,9 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
             progress.remove_task(task)
         feature_s = time.perf_counter() - t_feat
 
-        transport = Transport(tap=tap)
-        counters: dict[str, Any] = {"train_s": 0.0}
-        if start_round > 0:
-            server_state, client_states, counters = run.load_checkpoint(list(train_data))
-            transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
-        else:
-            server_state = algorithm.init_server_state(trainer)
-            client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in train_data}
+        transport, counters, server_state, client_states = initial_states(
+            algorithm, trainer, run, list(train_data), start_round, tap
+        )
         tracked = _PerRoundEval(algorithm, trainer, global_test, trainer.use_cache, run, start_round)
         loop = run_rounds(
             tracked, trainer, train_data, cfg, run, transport, server_state, client_states,
