@@ -221,6 +221,8 @@ def build_summary(
         "data": data,
         "adapters": exported,
         "instance_weights": _weight_stats(results) if weights else None,
+        "resumed_at_round": None,
+        "evaluated_from": None,
         **(extra or {}),
     }
 
