@@ -4,8 +4,9 @@ All methods run on the same federation and seed (the shipped configs in configs/
 the scale below). FedDPA-T is trained once and evaluated under four inference weightings
 (dynamic/intent, dynamic/official, static 0.5, global-only) from the states its clients hold
 after training (``fedblend evaluate``), so the weightings differ only at inference. The
-global-only evaluation is the plain single-adapter inference that dynamic weighting's cost
-is compared with (same model, same test set).
+global-only evaluation (every client generating, no sharing of identical models) is the
+plain single-adapter inference that dynamic weighting's cost is compared with (same model,
+same test set, same number of generations).
 
 Scale (chosen to finish in about 30 minutes on 2 idle CPU cores; one SmolLM2 step on 8
 flan8 examples takes 6-10 s there): 8 clients x 8 training examples, 2 rounds x 2 local
@@ -52,7 +53,9 @@ def main() -> int:
     variants = {
         "feddpa_t[dynamic,official]": ["eval.weighting_convention=official"],
         "feddpa_t[static 0.5]": ["eval.weighting=static", "eval.static_weight=0.5"],
-        "feddpa_t[global only]": ["eval.weighting=global"],
+        # every client holds the same final G: without dedupe=false it would be generated once
+        # and shared, and the cost comparison would not be on the same number of generations
+        "feddpa_t[global only]": ["eval.weighting=global", "eval.dedupe=false"],
     }
     from fedblend.compare import _row
 
@@ -64,6 +67,7 @@ def main() -> int:
         result["runs"].append(_row(label, summary, out))
     by = {r["label"]: r for r in result["runs"]}
     dyn, plain = by["feddpa_t[dynamic,intent]"], by["feddpa_t[global only]"]
+    assert dyn["generated"] == plain["generated"], (dyn["generated"], plain["generated"])
     result["dynamic_inference_cost_ratio"] = dyn["eval_s"] / plain["eval_s"]
     result["benchmark_wall_s"] = time.perf_counter() - t0
     result["scale"] = "full (shipped configs)" if args.full_scale else SCALE

@@ -57,8 +57,12 @@ def test_fedit_run_writes_a_complete_run_dir(tmp_path: Path):
 
 def test_same_seed_same_numbers(tmp_path: Path):
     a, out_a = _run(tmp_path, "a")
-    b, out_b = _run(tmp_path, "b")
+    # without sharing identical models' generations: the same scores, every client generates
+    b, out_b = _run(tmp_path, "b", eval={"dedupe": False})
     assert a["clients"] == b["clients"]
+    assert a["time"]["eval_instances"] == b["time"]["eval_instances"] == 27  # 3 clients x 3 tasks x 3
+    assert a["time"]["generated_instances"] == 9  # FedIT: one model shared by all clients
+    assert b["time"]["generated_instances"] == 27
     ga = load_state(out_a / "checkpoint" / "server.safetensors")["global"]
     gb = load_state(out_b / "checkpoint" / "server.safetensors")["global"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)

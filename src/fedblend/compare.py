@@ -26,6 +26,7 @@ def _row(label: str, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "wall_s": summary["time"]["wall_s"],
         "train_s": summary["time"].get("train_s"),
         "eval_s": summary["time"].get("eval_s"),
+        "generated": summary["time"].get("generated_instances"),
     }
     if "mean" in summary:
         row.update(P=summary["mean"]["P"], TTP=summary["mean"]["TTP"], metric=summary["metric"])

@@ -110,6 +110,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
     metric: Literal["rougeL", "rouge1", "rouge2", "exact_match"] = "rougeL"
     ttp: bool = True
+    dedupe: bool = Field(
+        True, description="generate once for client models that are identical (same adapters, fixed mixing)"
+    )
     # FedDPA inference weighting
     weighting: Literal["global", "local", "static", "dynamic"] = "dynamic"
     weighting_convention: Literal["intent", "official"] = "intent"

@@ -151,12 +151,13 @@ def evaluate_and_summarize(
         results = evaluate_text(
             algorithm, trainer, fed, finals, states, contexts, cfg.eval.ttp,
             progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
+            dedupe=cfg.eval.dedupe,
         )
     eval_s = time.perf_counter() - t_eval
     exported = _export_adapters(algorithm, trainer, run, finals, states)
     write_eval_records(run, test_references(fed), results)
     times = {"wall_s": time.perf_counter() - t0, **train_info["time"], "eval_s": eval_s,
-             "eval_instances": n_eval}
+             "eval_instances": n_eval, "generated_instances": sum(ev.generated for ev in results.values())}
     extra = {k: train_info.get(k) for k in ("resumed_at_round", "evaluated_from")}
     summary = build_summary(
         cfg, algorithm, results, run, train_info["comm"], trainer, times, data_info(fed), exported, extra
@@ -190,7 +191,7 @@ def build_summary(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary.json of a text run, whichever engine ran it. ``comm`` holds bytes_up and
-    bytes_down; ``times`` wall_s, load_s, train_s, finish_s, eval_s and eval_instances;
+    bytes_down; ``times`` wall_s, load_s, train_s, finish_s, eval_s, eval_instances and generated_instances;
     per-round seconds come from metrics.jsonl."""
     from fedblend.eval.protocol import summarize
 

@@ -26,6 +26,7 @@ class ClientEval:
     scores: dict[str, dict[str, float]]  # task -> metric -> value
     weights: dict[str, list[float]] = field(default_factory=dict)  # task -> per-instance weight
     predictions: dict[str, list[str]] = field(default_factory=dict)
+    generated: int = 0  # instances this client's model generated for (0 where shared from another)
 
 
 def _fingerprint(adapters: State, mix: dict[str, Any]) -> str | None:
@@ -71,6 +72,7 @@ def evaluate_client(
                 progress(len(examples))
             continue
         preds = trainer.generate(instructions, mix, progress=progress)
+        ev.generated += len(examples)
         ev.scores[task] = score(preds, [e.output for e in examples])
         ev.predictions[task] = preds
         if weights is not None:
@@ -89,9 +91,11 @@ def evaluate_text(
     contexts: dict[int, ClientContext],
     ttp: bool,
     progress: Callable[[int], None] | None = None,
+    dedupe: bool = True,
 ) -> dict[int, ClientEval]:
-    """Every client's evaluation; identical client models are generated for only once."""
-    cache: dict = {}
+    """Every client's evaluation; identical client models are generated for only once unless
+    ``dedupe`` is off (to time every client's inference, as the cost benchmark does)."""
+    cache: dict | None = {} if dedupe else None
     return {
         c.cid: evaluate_client(
             algorithm, trainer, fed, contexts[c.cid], finals[c.cid],

@@ -225,7 +225,8 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     n_eval = sum(data["test_examples"].values()) * (len(info) if cfg.eval.ttp else 1)
     finish = [m.get("finish_s", 0.0) for m in clients.messages if m["type"] == MessageType.EVALUATE]
     times = {"wall_s": time.perf_counter() - t0, "load_s": load_s, "train_s": loop.train_s,
-             "finish_s": max(finish, default=0.0), "eval_s": eval_s, "eval_instances": n_eval}
+             "finish_s": max(finish, default=0.0), "eval_s": eval_s, "eval_instances": n_eval,
+             "generated_instances": n_eval}  # nodes never share generations
     comm = {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down}
     summary = build_summary(cfg, algorithm, results, run, comm, trainer, times, data, exported)
     loads = [m["backbone_load_s"] for m in clients.messages if "backbone_load_s" in m]
