@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from .conftest import vision_cfg
 
 from fedblend.vision.backbones import load_backbone
 from fedblend.vision.images import pixels, synthetic_images
 from fedblend.vision.trainer import VisionTrainer
+
+from .conftest import vision_cfg
 
 NAMES = ["red", "green", "blue", "yellow"]
 

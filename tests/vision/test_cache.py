@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from .conftest import vision_cfg
 
 from fedblend.vision.backbones import load_backbone
 from fedblend.vision.cache import FeatureCache
 from fedblend.vision.images import synthetic_images
+
+from .conftest import vision_cfg
 
 NAMES = ["red", "green", "blue", "yellow"]
 

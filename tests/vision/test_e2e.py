@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from .conftest import CIFAR, REPO
 
 from fedblend.config import load_config
 from fedblend.experiment import run_experiment
+
+from .conftest import CIFAR, REPO
 
 
 def _smoke(tmp_path, *overrides):
