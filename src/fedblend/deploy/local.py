@@ -113,11 +113,17 @@ class LocalDeployment:
                     "--ssl-keyfile", str(c.server_key)]
         return ["--root-certificates", str(c.ca)]
 
-    def _spawn(self, name: str, argv: list[str]) -> Daemon:
+    def node_threads(self) -> int:
+        """Torch threads per SuperNode: the N nodes on this host share its cores (N nodes each
+        running torch's default of one thread per core oversubscribe the CPU and every step
+        slows down several times). ``OMP_NUM_THREADS`` set by the user wins."""
+        return max(1, (os.cpu_count() or 1) // max(1, self.nodes))
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Daemon:
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as f:
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env(),
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**self.env(), **(extra_env or {})},
                                     cwd=self.cwd, start_new_session=True)
         d = Daemon(name, proc, log)
         self.daemons.append(d)
@@ -182,7 +188,8 @@ class LocalDeployment:
                 "--node-config", f"partition-id={part} num-partitions={self.nodes} state-dir=\"{state}\""]
         if self.auth and self.certs is not None:
             argv += ["--auth-supernode-private-key", str(self.certs.node_key(i))]
-        return self._spawn(f"supernode_{i}", argv)
+        threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(self.node_threads())}
+        return self._spawn(f"supernode_{i}", argv, threads)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop everything this deployment started: each daemon's process group, then any

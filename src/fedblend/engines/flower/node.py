@@ -64,6 +64,9 @@ class Node:
         backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed)
         trainer = TextTrainer(self.cfg, backbone, tok)
         self.timings["backbone_load_s"] = time.perf_counter() - t
+        import torch
+
+        self.timings["torch_threads"] = torch.get_num_threads()
         return trainer
 
     # ---- private state ----------------------------------------------------------------------
