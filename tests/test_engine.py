@@ -63,6 +63,11 @@ def test_same_seed_same_numbers(tmp_path: Path):
     assert a["time"]["eval_instances"] == b["time"]["eval_instances"] == 27  # 3 clients x 3 tasks x 3
     assert a["time"]["generated_instances"] == 9  # FedIT: one model shared by all clients
     assert b["time"]["generated_instances"] == 27
+    # no wall-clock value travels in a payload: the byte counts are exactly reproducible, and
+    # the clients' training seconds are logged by the engine beside their metrics
+    assert a["comm"] == b["comm"]
+    for line in (out_a / "metrics.jsonl").read_text().splitlines():
+        assert all(m["train_s"] > 0 for m in json.loads(line)["client_metrics"].values())
     ga = load_state(out_a / "checkpoint" / "server.safetensors")["global"]
     gb = load_state(out_b / "checkpoint" / "server.safetensors")["global"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)

@@ -68,6 +68,14 @@ class Transport:
         return self.decode_up(rnd, cid, encode(msg), allowed)
 
 
+def with_client_seconds(update: Message, seconds: float | None) -> Message:
+    """The update as received, plus the client's training seconds for the round log. Engine
+    telemetry, added after the wire: wall-clock values inside the payload would make the
+    byte counts (and so the two engines' comparison) vary from run to run."""
+    update.metrics = {**update.metrics, "train_s": seconds}
+    return update
+
+
 def check_roles(cid: int, msg: Message, allowed: Sequence[str]) -> None:
     illegal = [r for r in msg.tensors if r not in allowed]
     if illegal:
@@ -124,8 +132,10 @@ def run_rounds(
                 trainer=trainer, cfg=cfg,
                 progress=(lambda n, t=task: progress.advance(t, n)) if task is not None else None,
             )
+            t = time.perf_counter()
             update, client_states[cid] = algorithm.local_update(ctx, payload, client_states.get(cid, {}))
-            updates[cid] = transport.up(rnd, cid, update, algorithm.shared_roles)
+            seconds = time.perf_counter() - t
+            updates[cid] = with_client_seconds(transport.up(rnd, cid, update, algorithm.shared_roles), seconds)
         if task is not None:
             progress.remove_task(task)
         return updates

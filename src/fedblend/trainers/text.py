@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -99,7 +98,6 @@ class TextTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         order: list[int] = []
         losses: list[float] = []
-        t0 = time.perf_counter()
         self.model.train()
         try:
             with self.adapters.mixing(mix):
@@ -146,7 +144,6 @@ class TextTrainer:
             "loss_last": losses[-1],
             "steps": steps,
             "examples": n,
-            "train_s": time.perf_counter() - t0,
         }
 
     def train_steps(self, n_examples: int, epochs: float) -> int:

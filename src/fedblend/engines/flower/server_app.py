@@ -32,7 +32,7 @@ from fedblend.comm.codec import Message as FbMessage
 from fedblend.comm.codec import decode
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.engines.flower import wire
-from fedblend.engines.inprocess import Transport, run_round_loop
+from fedblend.engines.inprocess import Transport, run_round_loop, with_client_seconds
 from fedblend.errors import ConfigError, FedblendError
 from fedblend.eval.protocol import ClientEval
 from fedblend.reports.rundir import RunDir
@@ -164,7 +164,9 @@ class FlowerClients:
         for cid, r in self._send(MessageType.TRAIN, str(rnd), sent).items():
             data = bytes(wire.fields(r)[wire.UPDATE])  # type: ignore[arg-type]
             self._inspect("train", str(rnd), cid, r, data)
-            updates[cid] = self.transport.decode_up(rnd, cid, data, self.algorithm.shared_roles)
+            updates[cid] = with_client_seconds(
+                self.transport.decode_up(rnd, cid, data, self.algorithm.shared_roles), wire.timings(r).get("work_s")
+            )
         return updates
 
     def evaluate(self, final: FbMessage) -> tuple[dict[int, ClientEval], dict[str, list[str]], dict[str, Any]]:
