@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
@@ -29,20 +30,16 @@ from fedblend.rounds import (  # noqa: F401  (re-exported: the engine's public n
 )
 
 
-def run_rounds(
+def local_dispatch(
     algorithm: Algorithm,
     trainer: Any,
     train_data: dict[int, Sequence[Any]],
     cfg: ExperimentConfig,
-    run: RunDir,
     transport: Transport,
-    server_state: State,
     client_states: dict[int, State],
-    start_round: int = 0,
     progress: Any = None,
-    counters: dict[str, Any] | None = None,
-) -> LoopResult:
-    """Run rounds ``start_round..cfg.train.rounds-1``; log, checkpoint, return final states."""
+) -> Dispatch:
+    """In-process delivery: every selected client's ``local_update`` runs here, in turn."""
 
     def dispatch(rnd: int, payloads: dict[int, Message]) -> dict[int, Message]:
         task = None
@@ -65,6 +62,33 @@ def run_rounds(
             progress.remove_task(task)
         return updates
 
+    return dispatch
+
+
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, resume: bool = False, tap: Tap | None = None
+) -> dict[str, Any]:
+    """Run ``cfg`` (either modality) on this engine; returns its summary."""
+    from fedblend import runner
+
+    return runner.run_experiment(cfg, out, local_dispatch, resume=resume, tap=tap)
+
+
+def run_rounds(
+    algorithm: Algorithm,
+    trainer: Any,
+    train_data: dict[int, Sequence[Any]],
+    cfg: ExperimentConfig,
+    run: RunDir,
+    transport: Transport,
+    server_state: State,
+    client_states: dict[int, State],
+    start_round: int = 0,
+    progress: Any = None,
+    counters: dict[str, Any] | None = None,
+) -> LoopResult:
+    """Run rounds ``start_round..cfg.train.rounds-1``; log, checkpoint, return final states."""
+    dispatch = local_dispatch(algorithm, trainer, train_data, cfg, transport, client_states, progress)
     return run_round_loop(
         algorithm, sorted(train_data), cfg, run, transport, server_state, dispatch,
         client_states=client_states, start_round=start_round, counters=counters,

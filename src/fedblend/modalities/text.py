@@ -1,0 +1,163 @@
+"""The text modality: instruction federations, a frozen LM with LoRA roles, P/TTP by generation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.comm.codec import Message
+from fedblend.eval.protocol import ClientEval, evaluate_client, evaluate_text, summarize
+from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
+from fedblend.reports.rundir import RunDir
+
+
+class TextModality(Modality):
+    name = "text"
+
+    def build_federation(self) -> Any:
+        from fedblend.data.federation import build_federation
+
+        return build_federation(self.cfg)
+
+    def describe(self, fed: Any) -> dict[str, Any]:
+        return {"data": {
+            "clients": len(fed.clients),
+            "train_examples": {str(c.cid): len(c.train) for c in fed.clients},
+            "test_examples": {t: len(v) for t, v in fed.test_by_task.items()},
+        }}
+
+    def load_trainer(self, desc: dict[str, Any]) -> Any:
+        from fedblend.backbones.text import load_text_backbone
+        from fedblend.trainers.text import TextTrainer
+
+        backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed)
+        return TextTrainer(self.cfg, backbone, tok)
+
+    def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,
+                cids: Sequence[int] | None = None) -> Prepared:
+        clients = [c for c in fed.clients if cids is None or c.cid in cids]
+        if algorithm.pools_data:
+            train_data: dict[int, Sequence[Any]] = {0: [e for c in fed.clients for e in c.train]}
+        else:
+            train_data = {c.cid: c.train for c in clients}
+        return Prepared(train_data=train_data, examples={c.cid: c.train for c in clients})
+
+    def node_info(self, fed: Any, client: Any) -> dict[str, Any]:
+        return {**super().node_info(fed, client), "task": client.task}
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def evaluate(self, algorithm: Algorithm, trainer: Any, fed: Any, prep: Prepared,
+                 finals: dict[int, Message], states: dict[int, State],
+                 contexts: dict[int, ClientContext], progress: Any) -> Evaluation:
+        n_eval = sum(len(v) for v in fed.test_by_task.values()) * (len(fed.clients) if self.cfg.eval.ttp else 1)
+        etask = progress.add_task("evaluate", total=n_eval) if progress else None
+        results = evaluate_text(
+            algorithm, trainer, fed, finals, states, contexts, self.cfg.eval.ttp,
+            progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
+            dedupe=self.cfg.eval.dedupe,
+        )
+        if etask is not None:
+            progress.remove_task(etask)
+        return Evaluation(
+            per_client=results,
+            times={"eval_instances": n_eval, "generated_instances": sum(ev.generated for ev in results.values())},
+            extra={"references": test_references(fed)},
+        )
+
+    def evaluate_on_node(self, algorithm: Algorithm, trainer: Any, fed: Any, prep: Prepared,
+                         ctx: ClientContext, final: Message, state: State) -> dict[str, str]:
+        ev = evaluate_client(algorithm, trainer, fed, ctx, final, state, self.cfg.eval.ttp)
+        references = {t: [e.output for e in fed.test_by_task[t]] for t in ev.predictions}
+        return {"eval": json.dumps(asdict(ev)), "references": json.dumps(references)}
+
+    def collect(self, replies: dict[int, dict[str, str]], desc: dict[str, Any]) -> Evaluation:
+        results = {cid: ClientEval(**json.loads(r["eval"])) for cid, r in sorted(replies.items())}
+        references: dict[str, list[str]] = {}
+        for r in replies.values():
+            references.update(json.loads(r["references"]))
+        n_eval = sum(desc["data"]["test_examples"].values()) * (len(results) if self.cfg.eval.ttp else 1)
+        # nodes never share generations: every client generates for each of its instances
+        return Evaluation(per_client=results,
+                          times={"eval_instances": n_eval, "generated_instances": n_eval},
+                          extra={"references": references})
+
+    def summarize(self, run: RunDir, algorithm: Algorithm, trainer: Any, ev: Evaluation,
+                  comm: dict[str, int], times: dict[str, Any], desc: dict[str, Any],
+                  exported: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        write_eval_records(run, ev.extra["references"], ev.per_client)
+        return build_summary(self.cfg, algorithm, ev.per_client, run, comm, trainer,
+                             {**times, **ev.times}, desc["data"], exported, extra)
+
+
+def test_references(fed: Any) -> dict[str, list[str]]:
+    return {t: [e.output for e in v] for t, v in fed.test_by_task.items()}
+
+
+def build_summary(
+    cfg: Any, algorithm: Algorithm, results: dict[int, ClientEval], run: RunDir,
+    comm: dict[str, int], trainer: Any, times: dict[str, Any], data: dict[str, Any],
+    exported: dict[str, Any], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary.json of a text run, whichever engine ran it. ``comm`` holds bytes_up and
+    bytes_down; ``times`` wall_s, load_s, train_s, finish_s, eval_s, eval_instances and generated_instances;
+    per-round seconds come from metrics.jsonl."""
+    scores = summarize(results, cfg.eval.metric)
+    weights = [w for ev in results.values() for ws in ev.weights.values() for w in ws]
+    n_eval = max(1, times.get("eval_instances") or 1)
+    return {
+        "name": cfg.name,
+        "algorithm": cfg.algorithm,
+        "rounds": cfg.train.rounds,
+        "seed": cfg.seed,
+        "metric": cfg.eval.metric,
+        "weighting": {"mode": cfg.eval.weighting, "convention": cfg.eval.weighting_convention}
+        if cfg.algorithm.startswith("feddpa") else None,
+        **scores,
+        "comm": {
+            "bytes_up": comm["bytes_up"],
+            "bytes_down": comm["bytes_down"],
+            "shared_roles": list(algorithm.shared_roles),
+            "adapter_params": {r: trainer.adapters.num_parameters(r) for r in trainer.adapters.roles},
+        },
+        "time": {
+            **times,
+            "per_round_s": [r["seconds"] for r in run.rounds()],
+            "eval_s_per_instance": times["eval_s"] / n_eval,
+        },
+        "memory": {"peak_rss_mb": peak_rss_mb()},
+        "data": data,
+        "adapters": exported,
+        "instance_weights": _weight_stats(results) if weights else None,
+        "resumed_at_round": None,
+        "evaluated_from": None,
+        **(extra or {}),
+    }
+
+
+def _weight_stats(results: dict[int, ClientEval]) -> dict[str, Any]:
+    own = [w for ev in results.values() for t, ws in ev.weights.items() if t == ev.task for w in ws]
+    other = [w for ev in results.values() for t, ws in ev.weights.items() if t != ev.task for w in ws]
+
+    def stats(v: list[float]) -> dict[str, float] | None:
+        return {"n": len(v), "mean": sum(v) / len(v), "min": min(v), "max": max(v)} if v else None
+
+    return {"own_task": stats(own), "other_tasks": stats(other)}
+
+
+def write_eval_records(run: RunDir, references: dict[str, list[str]], results: dict[int, ClientEval]) -> None:
+    """eval/predictions.jsonl: one line per (client, test instance)."""
+    lines = []
+    for cid, ev in results.items():
+        for task, preds in ev.predictions.items():
+            weights = ev.weights.get(task)
+            for i, (ref, pred) in enumerate(zip(references[task], preds, strict=True)):
+                rec = {"client": cid, "task": task, "own_task": task == ev.task, "index": i,
+                       "prediction": pred, "reference": ref}
+                if weights is not None:
+                    rec["weight"] = weights[i]
+                lines.append(json.dumps(rec))
+    (run.path / "eval").mkdir(exist_ok=True)
+    (run.path / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")

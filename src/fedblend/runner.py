@@ -1,0 +1,214 @@
+"""One runner for both modalities: run an experiment (or re-evaluate one) and write its run
+directory. The engine is passed in as a dispatch factory (where ``local_update`` runs), so the
+runner sits below the engines and never imports one."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedblend.algorithms import make_algorithm
+from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
+from fedblend.comm.codec import Message
+from fedblend.config import ExperimentConfig
+from fedblend.modalities import Modality, Prepared, modality_for
+from fedblend.reports.rundir import RunDir, load_state, save_state
+from fedblend.rounds import Dispatch, Tap, Transport, run_round_loop
+
+MakeDispatch = Callable[
+    [Algorithm, Any, dict[int, Sequence[Any]], ExperimentConfig, Transport, dict[int, State], Any], Dispatch
+]
+"""(algorithm, trainer, train data, cfg, transport, client states, progress) -> dispatch: the
+engine's way of running one round's ``local_update`` calls."""
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=True,
+    ) as p:
+        yield p
+
+
+def prepare_torch(cfg: ExperimentConfig) -> float:
+    """Thread count and global seed for a run; returns the start time."""
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.seed)
+    return time.perf_counter()
+
+
+def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
+    """Fresh server and client states, or those of the last checkpoint when resuming, with a
+    transport whose byte counters continue from the checkpoint."""
+    transport = Transport(tap=tap)
+    if start_round > 0:
+        server_state, client_states, counters = run.load_checkpoint(client_ids)
+        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+    else:
+        counters = {"train_s": 0.0}
+        server_state = algorithm.init_server_state(trainer)
+        client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in client_ids}
+    return transport, counters, server_state, client_states
+
+
+def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
+    """Write summary.json (which marks the run complete) and report.html."""
+    from fedblend.reports.html import write_report
+
+    run.write_summary(summary)
+    write_report(run.path)
+
+
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, make_dispatch: MakeDispatch, resume: bool = False,
+    tap: Tap | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` with the engine's ``make_dispatch`` and return its summary; a failed run
+    leaves no summary.json."""
+    run = RunDir(out)
+    start_round = run.start(cfg.to_dict(), resume)
+    try:
+        return _run(cfg, run, start_round, tap, make_dispatch)
+    except BaseException as e:
+        run.fail(e)
+        raise
+
+
+def _contexts(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cids: Sequence[int]) -> dict[int, ClientContext]:
+    rounds = cfg.train.rounds
+    return {cid: ClientContext(cid=cid, round=rounds, seed=client_seed(cfg.seed, rounds, cid),
+                               examples=prep.examples[cid], trainer=trainer, cfg=cfg) for cid in cids}
+
+
+def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None,
+         make_dispatch: MakeDispatch) -> dict[str, Any]:
+    t0 = prepare_torch(cfg)
+    mod = modality_for(cfg)
+    cfg = mod.cfg
+    fed = mod.build_federation()
+    desc = mod.describe(fed)
+    algorithm = make_algorithm(cfg)
+    t_load = time.perf_counter()
+    trainer = mod.load_trainer(desc)
+    load_s = time.perf_counter() - t_load
+    cids = [c.cid for c in fed.clients]
+
+    with progress_bars(cfg.engine.progress) as progress:
+        prep = mod.prepare(trainer, fed, algorithm, progress)
+        transport, counters, server_state, client_states = initial_states(
+            algorithm, trainer, run, list(prep.train_data), start_round, tap
+        )
+        tracked = mod.track_rounds(algorithm, trainer, prep, run, start_round)
+        dispatch = make_dispatch(tracked, trainer, prep.train_data, cfg, transport, client_states, progress)
+        loop = run_round_loop(
+            tracked, sorted(prep.train_data), cfg, run, transport, server_state, dispatch,
+            client_states=client_states, start_round=start_round, counters=counters,
+        )
+        # the final global model goes to every client, which may then finish locally
+        t_fin = time.perf_counter()
+        final = algorithm.final_payload(loop.server_state)
+        rounds = cfg.train.rounds
+        contexts = _contexts(cfg, prep, trainer, cids)
+        finals = {cid: transport.down(rounds, cid, final) for cid in cids}
+        states = {cid: loop.client_states.get(cid, {}) for cid in cids}
+        for cid in cids:
+            steps = algorithm.finish_steps(len(prep.examples[cid]), trainer)
+            task = progress.add_task(f"finish client {cid}", total=steps) if progress and steps else None
+            if task is not None:
+                contexts[cid].progress = lambda n, t=task: progress.advance(t, n)
+            states[cid] = algorithm.finish_client(contexts[cid], finals[cid], states[cid])
+            contexts[cid].progress = None
+            if task is not None:
+                progress.remove_task(task)
+        finish_s = time.perf_counter() - t_fin
+
+    # what each client holds after training: the final payload and its finished private state
+    save_state(run.path / "final" / "server.safetensors", final.tensors)
+    for cid, st in states.items():
+        save_state(run.path / "final" / "clients" / f"{cid}.safetensors", st)
+    train_info = {
+        "comm": {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down},
+        "time": {"load_s": load_s, **prep.times, "train_s": loop.train_s, "finish_s": finish_s},
+        "extra": {"resumed_at_round": start_round or None},
+    }
+    return evaluate_and_summarize(mod, run, fed, desc, algorithm, trainer, prep, finals, states, contexts,
+                                  train_info, t0)
+
+
+def evaluate_and_summarize(
+    mod: Modality, run: RunDir, fed: Any, desc: dict[str, Any], algorithm: Algorithm, trainer: Any,
+    prep: Prepared, finals: dict[int, Message], states: dict[int, State],
+    contexts: dict[int, ClientContext], train_info: dict[str, Any], t0: float,
+) -> dict[str, Any]:
+    """Evaluate every client where its state is, export adapters, write summary and report."""
+    t_eval = time.perf_counter()
+    with progress_bars(mod.cfg.engine.progress) as progress:
+        ev = mod.evaluate(algorithm, trainer, fed, prep, finals, states, contexts, progress)
+    eval_s = time.perf_counter() - t_eval
+    exported = mod.export_adapters(algorithm, trainer, run, finals, states)
+    times = {"wall_s": time.perf_counter() - t0, **train_info["time"], "eval_s": eval_s}
+    summary = mod.summarize(run, algorithm, trainer, ev, train_info["comm"], times, desc, exported,
+                            train_info["extra"])
+    complete_run(run, summary)
+    return summary
+
+
+def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
+    """Re-evaluate a completed run with other ``eval.*`` settings (e.g. FedDPA weightings)
+    from the states its clients held after training; writes a new run directory."""
+    from fedblend.config import config_from_dict
+    from fedblend.errors import ConfigError, FedblendError
+
+    src = RunDir(source)
+    if not src.complete or not (src.path / "final" / "server.safetensors").is_file():
+        raise FedblendError(f"{src.path}: not a completed run with final states (final/server.safetensors)")
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "engine."))]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: only eval.* and engine.* can change when re-evaluating")
+    cfg = config_from_dict(src.config(), overrides, source=str(src.path / "config.json"))
+    run = RunDir(out)
+    run.start(cfg.to_dict(), resume=False)
+    try:
+        t0 = prepare_torch(cfg)
+        (run.path / "metrics.jsonl").write_text((src.path / "metrics.jsonl").read_text())
+        mod = modality_for(cfg)
+        for rel in mod.carried_files:
+            if (src.path / rel).is_file():
+                (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.path / rel, run.path / rel)
+        fed = mod.build_federation()
+        desc = mod.describe(fed)
+        algorithm = make_algorithm(mod.cfg)
+        trainer = mod.load_trainer(desc)
+        prep = mod.prepare(trainer, fed, algorithm, None)
+        cids = [c.cid for c in fed.clients]
+        final = Message(tensors=load_state(src.path / "final" / "server.safetensors"))
+        states = {}
+        for cid in cids:
+            p = src.path / "final" / "clients" / f"{cid}.safetensors"
+            states[cid] = load_state(p) if p.is_file() else {}
+        old = src.summary()
+        keep = ("load_s", "feature_s", "train_s", "finish_s")
+        train_info = {
+            "comm": {k: old["comm"][k] for k in ("bytes_up", "bytes_down")},
+            "time": {k: old["time"][k] for k in keep if k in old["time"]},
+            "extra": {"resumed_at_round": None, "evaluated_from": str(src.path)},
+        }
+        return evaluate_and_summarize(mod, run, fed, desc, algorithm, trainer, prep, dict.fromkeys(cids, final),
+                                      states, _contexts(mod.cfg, prep, trainer, cids), train_info, t0)
+    except BaseException as e:
+        run.fail(e)
+        raise
