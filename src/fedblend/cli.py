@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,66 +13,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fedblend.console import _fail, _fmt_bytes, console, err_console, print_summary, user_errors
 from fedblend.errors import FedblendError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err_console = Console(stderr=True)
-
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")]
-
-
-def _fail(e: FedblendError) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=e.exit_code)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user-input error into one red line on stderr and exit code 2."""
-    try:
-        yield
-    except FedblendError as e:
-        _fail(e)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
-    """The results table of one run, from its summary."""
-    title = f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')}"
-    t = Table(title=title)
-    if "clients" in summary and summary["clients"] and "P" in next(iter(summary["clients"].values())):
-        t.add_column("client", justify="right")
-        t.add_column("task")
-        t.add_column("P", justify="right")
-        t.add_column("TTP", justify="right")
-        for cid, c in summary["clients"].items():
-            t.add_row(cid, c["task"], f"{c['P']:.4f}", f"{c['TTP']:.4f}")
-        t.add_row("mean", "", f"{summary['mean']['P']:.4f}", f"{summary['mean']['TTP']:.4f}", style="bold")
-        console.print(t)
-    if "accuracy" in summary:
-        acc = Table(title="accuracy")
-        keys = [k for k in summary["accuracy"] if k != "per_client"]
-        for k in keys:
-            acc.add_column(k, justify="right")
-        acc.add_row(*[("n/a" if summary["accuracy"][k] is None else f"{summary['accuracy'][k]:.4f}") for k in keys])
-        console.print(acc)
-    comm, tm = summary.get("comm", {}), summary.get("time", {})
-    console.print(
-        f"sent up {_fmt_bytes(comm.get('bytes_up', 0))}, down {_fmt_bytes(comm.get('bytes_down', 0))}; "
-        f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
-        + (f"; run dir {out}" if out else "")
-    )
 
 
 @app.command()

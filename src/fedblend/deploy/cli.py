@@ -22,8 +22,8 @@ def local(
 ) -> None:
     """Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG, collect the run directory,
     stop every process (also on failure or Ctrl-C)."""
-    from fedblend.cli import print_summary, user_errors
     from fedblend.config import load_config
+    from fedblend.console import print_summary, user_errors
     from fedblend.deploy.local import deploy_local
 
     with user_errors():

@@ -72,8 +72,8 @@ class Modality(ABC):
 
     @abstractmethod
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,
-                cids: Sequence[int] | None = None) -> Prepared:
-        """Training (and test) inputs of clients ``cids`` (all when None)."""
+                cids: Sequence[int] | None = None, evaluation: bool = True) -> Prepared:
+        """Training inputs of clients ``cids`` (all when None), and test inputs when ``evaluation``."""
 
     def client(self, fed: Any, cid: int) -> Any:
         return next(c for c in fed.clients if c.cid == cid)

@@ -37,7 +37,7 @@ class TextModality(Modality):
         return TextTrainer(self.cfg, backbone, tok)
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,
-                cids: Sequence[int] | None = None) -> Prepared:
+                cids: Sequence[int] | None = None, evaluation: bool = True) -> Prepared:
         clients = [c for c in fed.clients if cids is None or c.cid in cids]
         if algorithm.pools_data:
             train_data: dict[int, Sequence[Any]] = {0: [e for c in fed.clients for e in c.train]}

@@ -106,23 +106,25 @@ class VisionModality(Modality):
         return VisionTrainer(self.cfg, backbone, len(desc["class_names"]))
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,
-                cids: Sequence[int] | None = None) -> Prepared:
+                cids: Sequence[int] | None = None, evaluation: bool = True) -> Prepared:
         import time
 
         clients = [c for c in fed.clients if cids is None or c.cid in cids]
         t = time.perf_counter()
-        n_all = sum(len(c.train) + len(c.test) for c in clients) + len(fed.global_test) + len(fed.unseen_test)
+        n_all = sum(len(c.train) + len(c.test) * evaluation for c in clients)
+        n_all += (len(fed.global_test) + len(fed.unseen_test)) * evaluation
         task = progress.add_task("features" if trainer.use_cache else "preprocess", total=n_all) if progress else None
         adv = (lambda n: progress.advance(task, n)) if task is not None else None
         train_data = {c.cid: trainer.shard(c.train, adv) for c in clients}
-        own = {c.cid: trainer.shard(c.test, adv) for c in clients}
-        global_test = trainer.shard(fed.global_test, adv)
-        unseen = trainer.shard(fed.unseen_test, adv) if fed.unseen_test else None
+        tests = None
+        if evaluation:
+            tests = TestShards(own={c.cid: trainer.shard(c.test, adv) for c in clients},
+                               global_test=trainer.shard(fed.global_test, adv),
+                               unseen=trainer.shard(fed.unseen_test, adv) if fed.unseen_test else None)
         if task is not None:
             progress.remove_task(task)
         return Prepared(train_data=train_data, examples=train_data,
-                        times={"feature_s": time.perf_counter() - t},
-                        extra=TestShards(own, global_test, unseen))
+                        times={"feature_s": time.perf_counter() - t}, extra=tests)
 
     def track_rounds(self, algorithm: Algorithm, trainer: Any, prep: Prepared, run: RunDir,
                      start_round: int) -> Algorithm:

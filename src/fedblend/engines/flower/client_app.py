@@ -3,9 +3,10 @@
 ``query``: report which client this node is (from ``--node-config partition-id``).
 ``train``: one ``local_update`` on the node's own data; only the update goes back, after
 the same shared-roles check the server applies again on receipt.
-``evaluate``: ``finish_client`` and evaluation of the client's own (private) model; only
-scores, per-instance weights and predictions go back, plus the node-local paths where its
-local adapters were exported.
+``evaluate``: ``finish_client`` and evaluation of the client's own (private) model by the
+modality (text: P/TTP generations; vision: accuracy on the client's own test split and on the
+global test set); only scores, per-instance weights and predictions go back, plus the
+node-local paths where its local adapters were exported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.comm.codec import decode, encode
 from fedblend.engines.flower import wire
 from fedblend.engines.flower.node import open_node
-from fedblend.engines.inprocess import check_roles
+from fedblend.rounds import check_roles
 
 app = ClientApp()
 
@@ -28,13 +29,7 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     node = open_node(wire.fields(msg), context)
-    info = {
-        "cid": node.cid,
-        "task": node.client.task,
-        "train_examples": len(node.client.train),
-        "num_clients": len(node.fed.clients),
-        "test_examples": {t: len(v) for t, v in node.fed.test_by_task.items()},
-    }
+    info = node.modality.node_info(node.fed, node.client)
     return Message(wire.content({wire.CLIENT: json.dumps(info)}, node.timings), reply_to=msg)
 
 
@@ -45,10 +40,11 @@ def train(msg: Message, context: Context) -> Message:
     rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
     trainer = node.load_trainer()
+    prep = node.prepare(trainer)
     state, source = node.load_state(context, trainer)
     ctx = ClientContext(
         cid=cid, round=rnd, seed=client_seed(node.cfg.seed, rnd, cid),
-        examples=node.client.train, trainer=trainer, cfg=node.cfg,
+        examples=prep.train_data[cid], trainer=trainer, cfg=node.cfg,
     )
     t = time.perf_counter()
     update, state = node.algorithm.local_update(ctx, decode(bytes(f[wire.PAYLOAD])), state)  # type: ignore[arg-type]
@@ -61,40 +57,35 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from fedblend.eval.protocol import evaluate_client
-
     f = wire.fields(msg)
     node = open_node(f, context)
     cid = int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
     rounds = node.cfg.train.rounds
     trainer = node.load_trainer()
+    prep = node.prepare(trainer, evaluation=True)
     state, source = node.load_state(context, trainer)
     final = decode(bytes(f[wire.PAYLOAD]))  # type: ignore[arg-type]
     ctx = ClientContext(
         cid=cid, round=rounds, seed=client_seed(node.cfg.seed, rounds, cid),
-        examples=node.client.train, trainer=trainer, cfg=node.cfg,
+        examples=prep.examples[cid], trainer=trainer, cfg=node.cfg,
     )
     t = time.perf_counter()
     state = node.algorithm.finish_client(ctx, final, state)
     node.timings["finish_s"] = time.perf_counter() - t
     node.save_state(context, state, rounds)
     t = time.perf_counter()
-    ev = evaluate_client(node.algorithm, trainer, node.fed, ctx, final, state, node.cfg.eval.ttp)
+    reply = node.modality.evaluate_on_node(node.algorithm, trainer, node.fed, prep, ctx, final, state)
     node.timings["eval_s"] = time.perf_counter() - t
     exports = {}
     for role, tensors in node.algorithm.eval_adapters(final, state).items():
-        if role != "global":  # the server exports the global adapter from the final payload
+        # the server exports the global adapter from the final payload
+        if role != "global" and node.modality.export_local:
             path = node.run_dir / "adapters" / role / f"client_{cid}"
             trainer.adapters.export(role, tensors, path)
             exports[role] = str(path)
     node.log({"type": "evaluate", "round": rounds, "state_from": source, "exports": exports})
-    references = {t: [e.output for e in node.fed.test_by_task[t]] for t in ev.predictions}
-    reply = {
-        wire.EVAL: wire.eval_to_json(ev),
-        wire.EXPORTS: json.dumps(exports),
-        wire.REFERENCES: json.dumps(references),
-    }
+    reply[wire.EXPORTS] = json.dumps(exports)
     return Message(wire.content(reply, node.timings), reply_to=msg)
 
 

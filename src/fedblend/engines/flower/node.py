@@ -1,4 +1,5 @@
-"""What a SuperNode knows: its partition, its client's data, its private state on disk.
+"""What a SuperNode knows: its partition, its client's data, its private state on disk
+(and, for vision, its own frozen-feature cache under ``<state-dir>/feature_cache``).
 
 Every Flower message starts a fresh ClientApp process, so a :class:`Node` is rebuilt per
 message from the config the server sends: the federation is rebuilt deterministically and
@@ -23,9 +24,9 @@ from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, State
 from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig, config_from_dict
-from fedblend.data.federation import ClientData, Federation, build_federation
 from fedblend.engines.flower import wire
 from fedblend.errors import ConfigError
+from fedblend.modalities import Modality, Prepared, modality_for
 from fedblend.reports.rundir import load_state, save_state
 
 STATE_RECORD = "fedblend.client_state"  # key in context.state (stays on the node)
@@ -41,8 +42,9 @@ def default_state_root() -> Path:
 class Node:
     cfg: ExperimentConfig
     algorithm: Algorithm
-    fed: Federation
-    client: ClientData
+    modality: Modality
+    fed: Any  # the whole federation, rebuilt deterministically; the node uses only its client
+    client: Any
     run_dir: Path  # node-local: <state-dir>/run-<run_id>
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -56,18 +58,22 @@ class Node:
 
     # ---- backbone -------------------------------------------------------------------------
     def load_trainer(self) -> Any:
-        """The frozen backbone (memory-mapped safetensors for real models) and a trainer."""
-        from fedblend.backbones.text import load_text_backbone
-        from fedblend.trainers.text import TextTrainer
-
+        """The modality's frozen backbone (memory-mapped safetensors for real models) and trainer."""
         t = time.perf_counter()
-        backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed)
-        trainer = TextTrainer(self.cfg, backbone, tok)
+        trainer = self.modality.load_trainer(self.modality.describe(self.fed))
         self.timings["backbone_load_s"] = time.perf_counter() - t
-        import torch
-
         self.timings["torch_threads"] = torch.get_num_threads()
         return trainer
+
+    def prepare(self, trainer: Any, evaluation: bool = False) -> Prepared:
+        """This client's training inputs (vision: frozen features from the node's own cache),
+        and its test inputs when ``evaluation``."""
+        t = time.perf_counter()
+        prep = self.modality.prepare(trainer, self.fed, self.algorithm, None, cids=[self.cid],
+                                     evaluation=evaluation)
+        self.timings["prepare_s"] = time.perf_counter() - t
+        self.timings.update(prep.times)  # e.g. vision's feature_s
+        return prep
 
     # ---- private state ----------------------------------------------------------------------
     def load_state(self, context: Context, trainer: Any) -> tuple[State, str]:
@@ -101,23 +107,27 @@ def open_node(msg_fields: Any, context: Context) -> Node:
     nc = context.node_config
     if wire.NODE_DATA_DIR in nc:
         raw.setdefault("data", {})["dir"] = str(nc[wire.NODE_DATA_DIR])
+    root = Path(str(nc.get(wire.NODE_STATE_DIR) or os.environ.get("FEDBLEND_NODE_DIR") or default_state_root()))
+    root = root.expanduser()
     cfg = config_from_dict(raw, source="config from the ServerApp")
+    modality = modality_for(cfg)
+    cfg = config_from_dict(modality.node_config(raw, root), source="config from the ServerApp")
+    modality = modality_for(cfg)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     torch.manual_seed(cfg.seed)
     if wire.NODE_PARTITION not in nc:
         raise ConfigError(f"SuperNode: --node-config needs {wire.NODE_PARTITION}=<index>")
     partition = int(nc[wire.NODE_PARTITION])  # type: ignore[arg-type]
-    fed = build_federation(cfg)
+    fed = modality.build_federation()
     if not 0 <= partition < len(fed.clients):
         raise ConfigError(
             f"SuperNode: {wire.NODE_PARTITION}={partition} but the federation has "
             f"{len(fed.clients)} clients (0..{len(fed.clients) - 1})"
         )
-    root = Path(str(nc.get(wire.NODE_STATE_DIR) or os.environ.get("FEDBLEND_NODE_DIR") or default_state_root()))
     node = Node(
-        cfg=cfg, algorithm=make_algorithm(cfg), fed=fed, client=fed.clients[partition],
-        run_dir=root.expanduser() / f"run-{context.run_id}",
+        cfg=modality.cfg, algorithm=make_algorithm(modality.cfg), modality=modality, fed=fed,
+        client=fed.clients[partition], run_dir=root / f"run-{context.run_id}",
     )
     node.timings["setup_s"] = time.perf_counter() - t
     return node

@@ -32,10 +32,10 @@ from fedblend.comm.codec import Message as FbMessage
 from fedblend.comm.codec import decode
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.engines.flower import wire
-from fedblend.engines.inprocess import Transport, run_round_loop, with_client_seconds
 from fedblend.errors import ConfigError, FedblendError
-from fedblend.eval.protocol import ClientEval
+from fedblend.modalities import Modality, modality_for
 from fedblend.reports.rundir import RunDir
+from fedblend.rounds import Transport, run_round_loop, with_client_seconds
 
 app = ServerApp()
 
@@ -169,68 +169,61 @@ class FlowerClients:
             )
         return updates
 
-    def evaluate(self, final: FbMessage) -> tuple[dict[int, ClientEval], dict[str, list[str]], dict[str, Any]]:
+    def evaluate(self, final: FbMessage) -> tuple[dict[int, dict[str, str]], dict[str, Any]]:
+        """Each node's evaluation reply (the modality's JSON fields), and its local exports."""
         rounds = self.cfg.train.rounds
         sent = {cid: {wire.ROUND: rounds, wire.PAYLOAD: self.transport.encode_down(rounds, cid, final)}
                 for cid in sorted(self.nodes)}
-        results: dict[int, ClientEval] = {}
-        references: dict[str, list[str]] = {}
+        replies: dict[int, dict[str, str]] = {}
         local: dict[str, Any] = {}
         for cid, r in self._send(MessageType.EVALUATE, "final", sent).items():
             self._inspect("evaluate", "final", cid, r, None)
             f = wire.fields(r)
-            results[cid] = wire.eval_from_json(str(f[wire.EVAL]))
-            references.update(json.loads(str(f[wire.REFERENCES])))
+            replies[cid] = {k: str(v) for k, v in f.items() if k != wire.EXPORTS}
             for role, path in json.loads(str(f[wire.EXPORTS])).items():
                 local.setdefault(role, {})[str(cid)] = path
-        return results, references, local
+        return replies, local
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int) -> dict[str, Any]:
-    from fedblend.backbones.text import load_text_backbone
-    from fedblend.experiment import build_summary, complete_run, write_eval_records
-    from fedblend.trainers.text import TextTrainer
+    from fedblend.runner import complete_run
 
     t0 = time.perf_counter()
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     torch.manual_seed(cfg.seed)
+    mod: Modality = modality_for(cfg)
+    cfg = mod.cfg
     algorithm = make_algorithm(cfg)
     if algorithm.pools_data:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} pools all data; run it in-process")
-    t = time.perf_counter()
-    backbone, tok = load_text_backbone(cfg.model, cfg.seed)
-    trainer = TextTrainer(cfg, backbone, tok)  # the server needs adapter shapes and export
-    load_s = time.perf_counter() - t
     transport = Transport()
     clients = FlowerClients(grid, cfg, algorithm, transport, run, settings.message_timeout_s)
     clients.discover(settings.node_wait_s)
+    desc = next(iter(clients.info.values()))["describe"]  # federation facts, no data
+    t = time.perf_counter()
+    trainer = mod.load_trainer(desc)  # the server needs adapter shapes and export
+    load_s = time.perf_counter() - t
     server_state = algorithm.init_server_state(trainer)
     loop = run_round_loop(algorithm, sorted(clients.nodes), cfg, run, transport, server_state,
                           clients.train_round)
 
     t_eval = time.perf_counter()
     final = algorithm.final_payload(loop.server_state)
-    results, references, local = clients.evaluate(final)
+    replies, local = clients.evaluate(final)
     eval_s = time.perf_counter() - t_eval
-    exported: dict[str, Any] = {"local": local.pop("local", {}), **local}
+    ev = mod.collect(replies, desc)
+    exported: dict[str, Any] = {"local": local.pop("local", {}), **local} if mod.export_local else {}
     if "global" in final.tensors and "global" in algorithm.eval_adapters_roles():
         trainer.adapters.export("global", final.tensors["global"], run.path / "adapters" / "global")
         exported["global"] = "adapters/global"
-    write_eval_records(run, references, results)
-    info = clients.info
-    data = {
-        "clients": len(info),
-        "train_examples": {str(c): info[c]["train_examples"] for c in sorted(info)},
-        "test_examples": next(iter(info.values()))["test_examples"],
-    }
-    n_eval = sum(data["test_examples"].values()) * (len(info) if cfg.eval.ttp else 1)
     finish = [m.get("finish_s", 0.0) for m in clients.messages if m["type"] == MessageType.EVALUATE]
+    prepared = [m["feature_s"] for m in clients.messages if "feature_s" in m]
     times = {"wall_s": time.perf_counter() - t0, "load_s": load_s, "train_s": loop.train_s,
-             "finish_s": max(finish, default=0.0), "eval_s": eval_s, "eval_instances": n_eval,
-             "generated_instances": n_eval}  # nodes never share generations
+             "finish_s": max(finish, default=0.0), "eval_s": eval_s,
+             **({"feature_s": max(prepared)} if prepared else {})}
     comm = {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down}
-    summary = build_summary(cfg, algorithm, results, run, comm, trainer, times, data, exported)
+    summary = mod.summarize(run, algorithm, trainer, ev, comm, times, desc, exported, {})
     loads = [m["backbone_load_s"] for m in clients.messages if "backbone_load_s" in m]
     run.write_json("flower/engine.json", {
         "run_id": run_id,

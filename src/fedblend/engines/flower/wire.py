@@ -9,13 +9,9 @@ below are the only record keys either side uses.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
-from fedblend.eval.protocol import ClientEval
 
 RECORD = "fedblend"  # ConfigRecord: the fedblend fields of a message
 TIMINGS = "timings"  # MetricRecord: node-side seconds (backbone load, work)
@@ -27,9 +23,11 @@ ROUND = "round"
 PAYLOAD = "payload"  # server -> node: codec bytes of a payload / final payload
 UPDATE = "update"  # node -> server: codec bytes of an update
 CLIENT = "client"  # node -> server (query): JSON with cid, task, train examples, num clients
-EVAL = "eval"  # node -> server (evaluate): JSON of the client's scores, weights, predictions
+# node -> server (evaluate): the modality's fields (Modality.evaluate_on_node), plus EXPORTS
+EVAL = "eval"  # JSON of the client's evaluation (text: scores, weights, predictions; vision: accuracies)
 EXPORTS = "exports"  # node -> server (evaluate): JSON {role: node-local adapter path}
-REFERENCES = "references"  # node -> server (evaluate): JSON {task: [reference outputs]}
+REFERENCES = "references"  # text: JSON {task: [reference outputs]}
+CACHE = "cache"  # vision: JSON of the node's feature-cache use
 
 # keys the ClientApp reads from the SuperNode's --node-config
 NODE_PARTITION = "partition-id"
@@ -61,11 +59,3 @@ def describe(msg: Message) -> dict[str, Any]:
         "configs": {k: sorted(r.keys()) for k, r in rd.config_records.items()},
         "metrics": {k: sorted(r.keys()) for k, r in rd.metric_records.items()},
     }
-
-
-def eval_to_json(ev: ClientEval) -> str:
-    return json.dumps(asdict(ev))
-
-
-def eval_from_json(text: str) -> ClientEval:
-    return ClientEval(**json.loads(text))
