@@ -42,7 +42,7 @@ def run(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="a completed text run directory")],
+    run_dir: Annotated[Path, typer.Argument(help="a completed run directory (text or vision)")],
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="new run directory for the re-evaluation")] = ...,
 ) -> None:

@@ -195,6 +195,7 @@ def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> d
         trainer = mod.load_trainer(desc)
         prep = mod.prepare(trainer, fed, algorithm, None)
         cids = [c.cid for c in fed.clients]
+        initial_states(algorithm, trainer, run, cids, 0, None)  # the trainer's roles, as in the run
         final = Message(tensors=load_state(src.path / "final" / "server.safetensors"))
         states = {}
         for cid in cids:

@@ -131,3 +131,15 @@ def test_zeroshot_without_text_tower_is_a_config_error(tmp_path):
                             "data": {"num_clients": 2}})
     with pytest.raises(ConfigError, match="algorithm: zeroshot"):
         run_experiment(cfg, tmp_path / "z")
+
+
+def test_reevaluating_a_vision_run_reproduces_its_accuracy(tmp_path):
+    from fedblend.experiment import evaluate_run
+
+    cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true")
+    s = run_experiment(cfg, tmp_path / "run")
+    again = evaluate_run(tmp_path / "run", ["engine.threads=1"], tmp_path / "again")
+    assert again["evaluated_from"] == str(tmp_path / "run")
+    assert again["accuracy"] == s["accuracy"]
+    assert again["accuracy_per_round"] == s["accuracy_per_round"]
+    assert again["comm"] == s["comm"]
