@@ -71,7 +71,9 @@ class TriplePlay(FedCLIP):
             return update, state
         v, tr = self.cfg.vision, ctx.trainer
         gen = self._generator(tr, payload.tensors["generator"])
-        disc = Discriminator(tr.dim, tr.n_classes, v.gan_hidden)
+        with torch.random.fork_rng(devices=[]):  # a per-client seed, not the process's RNG state:
+            torch.manual_seed(ctx.seed + 7)  # the same discriminator in-process and on a SuperNode
+            disc = Discriminator(tr.dim, tr.n_classes, v.gan_hidden)
         if "disc" in state:
             disc.load_state_dict(state["disc"])
         real = tr.all_features(ctx.examples, payload.tensors["global"])
