@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedblend.errors import ConfigError
 
-TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f")
+TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f", "fedsa_lora", "ffa_lora")
 CORRUPTIONS = ("none", "blur", "noise", "contrast", "grayscale", "rotation")
 VISION_ALGORITHMS = (
     "zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox", "local_adapter", "fedavg_adapter",
