@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
 from fedblend.engines.inprocess import Tap, Transport, run_rounds
+from fedblend.plain_progress import say
 from fedblend.reports.rundir import RunDir, save_state
 
 
@@ -24,7 +26,8 @@ def peak_rss_mb() -> float:
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool):
-    if not enabled:
+    """Rich bars on a terminal; elsewhere none (the loop prints plain lines, plain_progress)."""
+    if not enabled or not sys.stdout.isatty():
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -146,6 +149,7 @@ def evaluate_and_summarize(
 
     t_eval = time.perf_counter()
     n_eval = sum(len(v) for v in fed.test_by_task.values()) * (len(fed.clients) if cfg.eval.ttp else 1)
+    say(cfg.engine.progress, f"[{cfg.name}] evaluate: {n_eval} test instances on {len(fed.clients)} clients")
     with progress_bars(cfg.engine.progress) as progress:
         etask = progress.add_task("evaluate", total=n_eval) if progress else None
         results = evaluate_text(
