@@ -108,6 +108,9 @@ def test_weighting_sweep_rescores_one_trained_state(tmp_path: Path):
         weights.append(summary["instance_weights"]["own_task"]["mean"])
     # w = lambda * similarity, from the same embeddings: the weights scale with lambda alone
     assert weights[1] / weights[0] == pytest.approx(0.8 / 0.2, rel=1e-4)
+    bad = runner.invoke(app, ["evaluate", str(src), "--sweep", "eval.dynamic_lambda=0.5,2", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--sweep eval.dynamic_lambda=2: Input should be less than or equal to 1" in bad.output
+    assert not (tmp_path / "b" / "dynamic_lambda=0.5").exists()  # refused before evaluating anything
     # a second call reuses the finished settings; show prints the table
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "reused finished re-evaluations" in again.output

@@ -60,7 +60,12 @@ def run_sweep(source: str | Path, overrides: list[str], sweep: list[str], out: s
         raise FedblendError(f"{src.path}: not a completed run")
     grid = settings(parse_sweep(sweep))
     for setting in grid:  # refuse a bad value before any (slow) evaluation starts
-        config_from_dict(src.config(), overrides + setting, source=f"--sweep {setting_label(setting)}")
+        try:
+            config_from_dict(src.config(), overrides + setting, source=str(src.path / "config.json"))
+        except ConfigError as e:
+            msg = str(e)
+            swept = any(msg.startswith(f"--set {item}:") for item in setting)
+            raise ConfigError(msg.replace("--set", "--sweep", 1) if swept else msg) from None
     rows = []
     for setting in grid:
         label = setting_label(setting)
