@@ -37,14 +37,14 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["train.roundz=3"], "train.roundz: unknown key"),
+        (["train.roundz=3"], "--set train.roundz=3: unknown key"),
         (["lora.r=0"], "lora.r"),
         (["data.num_clients=0"], "data.num_clients"),
         (["train.rounds=many"], "train.rounds"),
         (["algorithm=fedsgd"], "unknown algorithm 'fedsgd'"),
         (["model.source=path"], "model.path"),
         (["data.train_pattern=clients.json"], "data.train_pattern"),
-        (["nosuchsection.key=1"], "nosuchsection: unknown key"),
+        (["nosuchsection.key=1"], "--set nosuchsection.key=1: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -96,4 +96,4 @@ def test_cli_unknown_set_key_exits_2(tmp_path: Path):
     result = runner.invoke(app, ["run", str(ROOT / "configs/tiny/fedit.toml"), "--set", "train.epochz=1",
                                  "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
-    assert "train.epochz: unknown key" in _one_line_error(result)
+    assert "--set train.epochz=1: unknown key" in _one_line_error(result)

@@ -1,4 +1,5 @@
-"""The ``fedblend`` command line."""
+"""The fedblend command line: federated personalized PEFT experiments (FedDPA on text LMs,
+TriplePlay/FedCLIP on frozen image features), run, compared, re-evaluated and reported."""
 
 from __future__ import annotations
 
@@ -18,8 +19,25 @@ from rich.table import Table
 from fedblend.console import _fail, _fmt_bytes, console, err_console, print_summary, user_errors
 from fedblend.errors import FedblendError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# suggest_commands=False: click itself now says "Did you mean 'run'?"; typer's copy doubled it
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, suggest_commands=False)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")]
+
+
+def resume_hint(config_path: Path, out: Path, overrides: list[str]) -> str:
+    """What to type after an interrupted ``fedblend run``: resume from the last checkpoint, or
+    start again when the run stopped before its first one."""
+    import json
+    import shlex
+
+    args = ["fedblend", "run", str(config_path), "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    state = out / "checkpoint" / "state.json"
+    if state.is_file():
+        done = json.loads(state.read_text()).get("rounds_completed", "?")
+        return f"interrupted after round {done}; continue the run with: {shlex.join(args + ['--resume'])}"
+    return f"interrupted before the first checkpoint; start it again with: {shlex.join(args)}"
 
 
 @app.command()
@@ -36,7 +54,11 @@ def run(
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
-        summary = run_experiment(cfg, out_dir, resume=resume)
+        try:
+            summary = run_experiment(cfg, out_dir, resume=resume)
+        except KeyboardInterrupt:
+            err_console.print(resume_hint(config, out_dir, set_ or []), highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
     print_summary(summary, out_dir)
 
 
@@ -45,13 +67,35 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a completed run directory (text or vision)")],
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="new run directory for the re-evaluation")] = ...,
+    sweep: Annotated[list[str] | None, typer.Option(
+        "--sweep", help="eval.key=v1,v2,...: one re-evaluation per value (several --sweep: a grid), "
+        "each in OUT/<setting>, table in OUT/sweep.json")] = None,
 ) -> None:
     """Re-evaluate a completed run with other eval.* settings (e.g. eval.weighting=static)."""
     from fedblend.experiment import evaluate_run
+    from fedblend.sweep import run_sweep
 
     with user_errors():
+        if sweep:
+            _print_sweep(run_sweep(run_dir, set_ or [], sweep, out), out)
+            return
         summary = evaluate_run(run_dir, set_ or [], out)
     print_summary(summary, out)
+
+
+def _print_sweep(result: dict[str, Any], out: Path) -> None:
+    t = Table(title=f"{result['algorithm']} re-evaluated from {result['source']}")
+    for col in ("setting", "mean P", "mean TTP", "eval s"):
+        t.add_column(col, justify="left" if col == "setting" else "right")
+    for r in result["rows"]:
+        p = f"{r['P']:.4f}" if "P" in r else "-"
+        ttp = f"{r['TTP']:.4f}" if "TTP" in r else "-"
+        t.add_row(r["label"], p, ttp, f"{r['eval_s']:.1f}" if r.get("eval_s") is not None else "-")
+    console.print(t)
+    reused = [r["label"] for r in result["rows"] if r.get("reused")]
+    if reused:
+        console.print(f"reused finished re-evaluations: {', '.join(reused)}")
+    console.print(f"same trained adapters for every setting; details in {out}/sweep.json")
 
 
 @app.command()
@@ -65,14 +109,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a completed run directo
 
 
 @app.command()
-def show(run_dir: Annotated[Path, typer.Argument(help="a completed run directory")]) -> None:
-    """Print the results table of a completed run."""
+def show(run_dir: Annotated[Path, typer.Argument(help="a run, comparison or sweep directory")]) -> None:
+    """Print the results table of a completed run, a comparison or an evaluation sweep."""
+    import json
+
     from fedblend.reports.rundir import RunDir
 
     r = RunDir(run_dir)
-    if not r.complete:
+    if r.complete:
+        print_summary(r.summary(), run_dir)
+    elif (run_dir / "compare.json").is_file():
+        _print_compare(json.loads((run_dir / "compare.json").read_text()), run_dir)
+    elif (run_dir / "sweep.json").is_file():
+        _print_sweep(json.loads((run_dir / "sweep.json").read_text()), run_dir)
+    elif (run_dir / "status.json").is_file():
         _fail(FedblendError(f"{run_dir}: no summary.json (the run did not complete)"))
-    print_summary(r.summary(), run_dir)
+    else:
+        _fail(FedblendError(f"{run_dir}: not a run directory"))
 
 
 def _print_compare(result: dict[str, Any], out: Path) -> None:
@@ -101,7 +154,9 @@ def compare(
 
     with user_errors():
         cfgs = load_configs(configs, set_ or [])
+        before = _finished_runs(out)
         result = run_compare(cfgs, out, resume=resume)
+    _say_reused(before, out)
     _print_compare(result, out)
 
 
@@ -115,8 +170,29 @@ def demo(
 
     with user_errors():
         cfgs = demo_configs(set_ or [])
+        before = _finished_runs(out)
         result = run_compare(cfgs, out, resume=True)
+    _say_reused(before, out)
     _print_compare(result, out)
+
+
+def _finished_runs(out: Path) -> dict[Path, int]:
+    """The completed runs under a comparison directory, with their summary's mtime."""
+    if not out.is_dir():
+        return {}
+    return {p.parent: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+
+
+def _say_reused(before: dict[Path, int], out: Path) -> None:
+    """Name the runs a comparison took from an earlier invocation instead of running them."""
+    after = _finished_runs(out)
+    reused = sorted(str(p.relative_to(out)) for p, t in before.items() if after.get(p) == t)
+    if reused:
+        console.print(
+            f"reused {len(reused)} finished run(s) in {out}: {', '.join(reused)} "
+            "(delete them or choose another --out to run them again)",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _register_subcommands() -> None:

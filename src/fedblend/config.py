@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedblend.errors import ConfigError
 
-TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f")
+TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f", "fedsa_lora", "ffa_lora")
 CORRUPTIONS = ("none", "blur", "noise", "contrast", "grayscale", "rotation")
 VISION_ALGORITHMS = (
     "zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox", "local_adapter", "fedavg_adapter",
@@ -100,6 +100,14 @@ class TrainConfig(_Section):
     # FedDPA
     local_weight: float = Field(0.5, ge=0, le=1, description="FedDPA-T weight a of the local adapter")
     finetune_epochs: float = Field(0, ge=0, description="FedDPA-F local fine-tuning epochs")
+    local_phase_epochs: float = Field(
+        0, ge=0, description="FedDPA-T local-phase epochs; 0 = train.local_epochs (the global phase's)"
+    )
+    global_phase_mix: float = Field(
+        0.0, ge=0, lt=1,
+        description="FedDPA-T 'glocal' ablation: from round 1 the frozen local adapter stays active at "
+        "this weight (G at 1 - w) while G trains; 0 = off (G alone), the official --glocal = 0.5",
+    )
     # FedProx
     prox_mu: float = Field(0.0, ge=0)
 
@@ -224,13 +232,19 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
+    # a key given with --set is reported against that override, not the config file
+    keys = [(o, o.split("=", 1)[0].strip()) for o in overrides or []]
+    unknown_section = first["type"] == "extra_forbidden"
+    given = [o for o, k in keys if loc and (k == loc or (unknown_section and k.startswith(f"{loc}.")))]
+    if given:
+        return f"--set {given[-1]}: {msg.removeprefix(f'{loc}: ')}"
     if msg.startswith(f"{loc}:"):
         return f"{source}: {msg}"
     return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
@@ -290,7 +304,7 @@ def config_from_dict(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, overrides)) from None
 
 
 def resolve_data_dir(cfg: ExperimentConfig) -> Path | None:

@@ -16,6 +16,7 @@ from typing import Any
 from fedblend.algorithms.base import Algorithm, State
 from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig
+from fedblend.plain_progress import round_line, say
 from fedblend.reports.rundir import RunDir
 
 Tap = Callable[[str, int, int, bytes], None]  # (direction, round, client id, wire bytes)
@@ -130,7 +131,7 @@ def run_round_loop(
         seconds = time.perf_counter() - t_round
         counters["train_s"] = counters.get("train_s", 0.0) + seconds
         losses = [m["loss"] for m in client_metrics.values() if "loss" in m]
-        run.log_round({
+        record = {
             "round": rnd,
             "clients": selected,
             "loss": sum(losses) / len(losses) if losses else None,
@@ -138,7 +139,9 @@ def run_round_loop(
             "bytes_up": transport.per_round.get(rnd, {}).get("up", 0),
             "bytes_down": transport.per_round.get(rnd, {}).get("down", 0),
             "seconds": seconds,
-        })
+        }
+        run.log_round(record)
+        say(cfg.engine.progress, round_line(cfg.name, record, cfg.train.rounds))
         every = cfg.engine.checkpoint_every
         if every and ((rnd + 1) % every == 0 or rnd + 1 == cfg.train.rounds):
             counters.update(bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,7 +31,8 @@ engine's way of running one round's ``local_update`` calls."""
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[Any]:
-    if not enabled:
+    """Rich bars on a terminal; elsewhere none (the loop prints plain lines, plain_progress)."""
+    if not enabled or not sys.stdout.isatty():
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -28,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from fedblend.config import LoraConfig
 
 ROLES = ("global", "local")
+LORA_KINDS = ("lora_A", "lora_B")
 Tensors = dict[str, torch.Tensor]
 Weight = float | torch.Tensor
 
@@ -93,11 +94,14 @@ class DualLoRA:
         return sum(p.numel() for p in self.params[role].values())
 
     # ---- training / mixing ---------------------------------------------------------------
-    def set_trainable(self, roles) -> None:
-        """Only the named roles' tensors receive gradients; the others are stop-gradient."""
+    def set_trainable(self, roles, frozen: tuple[str, ...] = ()) -> None:
+        """Only the named roles' tensors receive gradients; the others are stop-gradient.
+
+        ``frozen`` holds tensor kinds (``"lora_A"``, ``"lora_B"``) kept frozen even in a
+        trainable role (FFA-LoRA trains B only)."""
         for role in self.roles:
-            for p in self.params[role].values():
-                p.requires_grad_(role in roles)
+            for k, p in self.params[role].items():
+                p.requires_grad_(role in roles and tensor_kind(k) not in frozen)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for r in self.roles for p in self.params[r].values() if p.requires_grad]
@@ -147,6 +151,33 @@ class DualLoRA:
             shutil.rmtree(tmp, ignore_errors=True)
             self.set(role, saved)
         return out_dir
+
+
+def tensor_kind(key: str) -> str:
+    """``"lora_A"`` or ``"lora_B"``: which factor of a LoRA layer a PEFT tensor name holds."""
+    for kind in LORA_KINDS:
+        if f".{kind}." in key:
+            return kind
+    raise ValueError(f"not a LoRA A/B tensor: {key}")
+
+
+def split_kinds(tensors: Mapping[str, torch.Tensor]) -> dict[str, Tensors]:
+    """Split one adapter's tensors by factor: ``{"lora_A": {...}, "lora_B": {...}}``.
+
+    FedSA-LoRA and FFA-LoRA share one factor and keep the other; each factor then travels
+    (or stays) as a role of its own, so the engine's role check guards the private one."""
+    out: dict[str, Tensors] = {kind: {} for kind in LORA_KINDS}
+    for k, t in tensors.items():
+        out[tensor_kind(k)][k] = t
+    return out
+
+
+def join_kinds(*parts: Mapping[str, torch.Tensor]) -> Tensors:
+    """The inverse of :func:`split_kinds`: one adapter from its A and B tensors."""
+    out: Tensors = {}
+    for part in parts:
+        out.update(part)
+    return out
 
 
 def _target_error(cfg: LoraConfig, e: Exception):

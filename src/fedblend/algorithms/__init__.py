@@ -12,6 +12,8 @@ _REGISTRY: dict[str, str] = {
     "centralized": "fedblend.algorithms.fedit:Centralized",
     "feddpa_t": "fedblend.algorithms.feddpa:FedDPAT",
     "feddpa_f": "fedblend.algorithms.feddpa:FedDPAF",
+    "fedsa_lora": "fedblend.algorithms.fedsa_lora:FedSALoRA",
+    "ffa_lora": "fedblend.algorithms.ffa_lora:FFALoRA",
 }
 
 

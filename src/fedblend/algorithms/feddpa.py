@@ -4,8 +4,11 @@ A global LoRA G (FedAvg'd by the server) and a local LoRA L (never leaves the cl
 one frozen backbone; each layer computes ``h = W0 x + s (w_g B_g A_g x + w_l B_l A_l x)``.
 
 - FedDPA-T (alternating): round 0 trains G only; in rounds >= 1 each client first trains L
-  with ``h = W0 x + s (a L x + (1 - a) stopgrad(G x))`` (a = ``train.local_weight``), then
-  trains G alone, and uploads G. L persists on the client from round to round.
+  with ``h = W0 x + s (a L x + (1 - a) stopgrad(G x))`` (a = ``train.local_weight``) for
+  ``train.local_phase_epochs`` (0 = ``train.local_epochs``), then trains G alone, and uploads
+  G. L persists on the client from round to round. Ablation ``train.global_phase_mix = m > 0``
+  (the official code's ``--glocal``, m = 0.5): from round 1 the global phase trains G with
+  ``h = W0 x + s ((1 - m) G x + m stopgrad(L x))``, so training matches inference's mixing.
 - FedDPA-F (fine-tune): FedIT for R rounds; then each client copies the final G into L and
   fine-tunes L alone on its own data for ``train.finetune_epochs``.
 
@@ -88,24 +91,30 @@ class FedDPAT(_DualAdapter):
     def init_client_state(self, trainer, cid: int) -> State:
         return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}
 
+    def _local_phase_epochs(self) -> float:
+        return self.cfg.train.local_phase_epochs or self.cfg.train.local_epochs
+
     def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
         steps = trainer.train_steps(n_examples, self.cfg.train.local_epochs)
-        return steps if rnd == 0 else 2 * steps
+        return steps if rnd == 0 else steps + trainer.train_steps(n_examples, self._local_phase_epochs())
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
         tr, tc = ctx.trainer, self.cfg.train
         metrics: dict[str, float] = {}
         tr.adapters.set("local", state["local"])
+        mix = None
         if ctx.round >= 1:
             # local phase: L trains beside a stop-gradient copy of the received G
             tr.adapters.set("global", payload.tensors["global"])
             a = tc.local_weight
             stats = tr.train(
                 ("client", ctx.cid), ctx.examples, ["local"], {"local": a, "global": 1 - a},
-                tc.local_epochs, ctx.seed + 1, progress=ctx.progress,
+                self._local_phase_epochs(), ctx.seed + 1, progress=ctx.progress,
             )
             metrics["loss_local"] = stats["loss"]
-        update = train_global(ctx, payload, tc.local_epochs)  # global phase: G alone
+            if tc.global_phase_mix > 0:  # "glocal": the frozen L stays active while G trains
+                mix = {"global": 1 - tc.global_phase_mix, "local": tc.global_phase_mix}
+        update = train_global(ctx, payload, tc.local_epochs, mix=mix)  # global phase
         update.metrics = {**update.metrics, **metrics}
         return update, {"local": tr.adapters.get("local")}
 

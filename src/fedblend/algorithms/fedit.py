@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.comm.codec import Message
 
 
-def train_global(ctx: ClientContext, payload: Message, epochs: float, prox_mu: float = 0.0) -> Message:
-    """Load the server's global adapter, train it on the client's data, return it."""
+def train_global(
+    ctx: ClientContext, payload: Message, epochs: float, prox_mu: float = 0.0,
+    mix: Mapping[str, float] | None = None,
+) -> Message:
+    """Load the server's global adapter, train it on the client's data, return it. ``mix``
+    (default G alone at 1) lets other, frozen adapters take part in the forward pass."""
     tr = ctx.trainer
     tr.adapters.set("global", payload.tensors["global"])
     prox = (prox_mu, payload.tensors["global"]) if prox_mu > 0 else None
     stats = tr.train(
-        ("client", ctx.cid), ctx.examples, ["global"], {"global": 1.0}, epochs, ctx.seed,
+        ("client", ctx.cid), ctx.examples, ["global"], mix or {"global": 1.0}, epochs, ctx.seed,
         prox=prox, progress=ctx.progress,
     )
     return Message({"global": tr.adapters.get("global")}, len(ctx.examples), stats)

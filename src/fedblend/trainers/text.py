@@ -71,11 +71,13 @@ class TextTrainer:
         seed: int,
         prox: tuple[float, Mapping[str, torch.Tensor]] | None = None,
         progress: ProgressFn | None = None,
+        frozen: tuple[str, ...] = (),
     ) -> dict[str, float]:
         """Train the ``trainable`` roles with AdamW and a linear decay; returns loss stats.
 
         ``mix`` gives each role's weight in the forward pass; roles not trainable are held
-        under stop-gradient. ``prox=(mu, reference)`` adds FedProx's proximal term.
+        under stop-gradient, and so are the tensor kinds in ``frozen`` (e.g. ``("lora_A",)``).
+        ``prox=(mu, reference)`` adds FedProx's proximal term.
         """
         tc = self.cfg.train
         data = self.tokenize(key, examples)
@@ -83,7 +85,7 @@ class TextTrainer:
         steps = max(1, math.ceil(epochs * n / tc.batch_size))
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        self.adapters.set_trainable(trainable)
+        self.adapters.set_trainable(trainable, frozen)
         params = self.adapters.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         warm = int(tc.warmup_ratio * steps)
