@@ -30,6 +30,8 @@ CLIENT = "client"  # node -> server (query): JSON with cid, task, train examples
 EVAL = "eval"  # node -> server (evaluate): JSON of the client's scores, weights, predictions
 EXPORTS = "exports"  # node -> server (evaluate): JSON {role: node-local adapter path}
 REFERENCES = "references"  # node -> server (evaluate): JSON {task: [reference outputs]}
+RUN_KEY = "run-key"  # server -> node: names the node's state dir; kept when a run resumes
+CHECKPOINTED = "checkpointed"  # server -> node (train): rounds in the server's last checkpoint
 
 # keys the ClientApp reads from the SuperNode's --node-config
 NODE_PARTITION = "partition-id"
