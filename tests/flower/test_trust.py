@@ -23,10 +23,12 @@ pytestmark = pytest.mark.flower
 def test_stalled_supernode_is_left_out_after_round_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    timeout, stall = 25, 45  # a healthy tiny round takes a few seconds, even on loaded cores
+    # a healthy tiny round takes a few seconds on an idle machine; on a heavily loaded one a
+    # healthy node may be dropped too, which the assertions below allow
+    timeout, stall = 20, 35
     overrides = [*TINY_OVERRIDES, "data.num_clients=3", f"engine.round_timeout={timeout}"]
     monkeypatch.setenv(STALL_ENV, f"2:0:{stall}")  # client 2 stalls before training round 0
-    summary, dep = deploy_local(TINY, 3, overrides, tmp_path / "flower", work=tmp_path / "work", timeout=400)
+    summary, dep = deploy_local(TINY, 3, overrides, tmp_path / "flower", work=tmp_path / "work", timeout=900)
     assert dep.processes() == []
 
     run = RunDir(tmp_path / "flower")
