@@ -299,6 +299,8 @@ def deploy_local(
     from fedblend.reports.rundir import RunDir
 
     out = Path(out).resolve()
+    if resume and not (out / "checkpoint" / "state.json").is_file():
+        raise FedblendError(f"{out}: no checkpoint to resume from")  # before starting any daemon
     work = Path(work or out.parent / f".{out.name}.deploy").resolve()
     certs = make_certs(work / "certs", nodes=nodes) if (tls or auth) else None
     dep = LocalDeployment(nodes, work, certs=certs, auth=auth)
