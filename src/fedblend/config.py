@@ -205,6 +205,10 @@ class EngineConfig(_Section):
     kind: Literal["inprocess", "flower"] = "inprocess"
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
     checkpoint_every: int = Field(1, ge=0, description="rounds between resumable checkpoints; 0 = never")
+    round_timeout: float = Field(
+        0.0, ge=0, description="Flower: seconds to wait for a round's updates; clients not answered by then "
+        "are left out of the round (0 = the run-config's message-timeout-s)"
+    )
     progress: bool = True
 
 

@@ -99,9 +99,12 @@ class LoopResult:
     train_s: float
 
 
-Dispatch = Callable[[int, dict[int, Message]], dict[int, Message]]
-"""Delivers one round's payloads (by client id) and returns the decoded updates; the engine
-decides where ``local_update`` runs (here, or on a Flower SuperNode)."""
+Dispatch = Callable[
+    [int, dict[int, Message]], dict[int, Message] | tuple[dict[int, Message], dict[int, str]]
+]
+"""Delivers one round's payloads (by client id) and returns the decoded updates, or
+``(updates, dropped)`` with ``dropped`` = {client id: reason} for clients that did not answer;
+the engine decides where ``local_update`` runs (here, or on a Flower SuperNode)."""
 
 
 def run_round_loop(
@@ -125,15 +128,19 @@ def run_round_loop(
         t_round = time.perf_counter()
         selected = select_clients(cfg, rnd, ids)
         payloads = algorithm.configure_round(rnd, server_state, selected)
-        updates = dispatch(rnd, {cid: payloads[cid] for cid in selected})
+        result = dispatch(rnd, {cid: payloads[cid] for cid in selected})
+        updates, dropped = result if isinstance(result, tuple) else (result, {})
         client_metrics = {str(cid): dict(updates[cid].metrics) for cid in selected if cid in updates}
-        server_state = algorithm.aggregate(rnd, updates, server_state)
+        if updates:  # a round nobody answered leaves the global model unchanged
+            server_state = algorithm.aggregate(rnd, updates, server_state)
         seconds = time.perf_counter() - t_round
         counters["train_s"] = counters.get("train_s", 0.0) + seconds
         losses = [m["loss"] for m in client_metrics.values() if "loss" in m]
         record = {
             "round": rnd,
             "clients": selected,
+            "answered": sorted(updates),
+            "dropped": {str(cid): why for cid, why in sorted(dropped.items())},
             "loss": sum(losses) / len(losses) if losses else None,
             "client_metrics": client_metrics,
             "bytes_up": transport.per_round.get(rnd, {}).get("up", 0),

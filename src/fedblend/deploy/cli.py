@@ -19,6 +19,8 @@ def local(
     tls: Annotated[bool, typer.Option("--tls", help="TLS with a generated dev CA")] = False,
     auth: Annotated[bool, typer.Option("--auth", help="SuperNode authentication (implies --tls)")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for the run")] = 3600,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the unfinished run in --out "
+                                         "from its last checkpoint")] = False,
 ) -> None:
     """Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG, collect the run directory,
     stop every process (also on failure or Ctrl-C)."""
@@ -30,7 +32,7 @@ def local(
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
         summary, dep = deploy_local(config, nodes, set_ or [], out_dir, tls=tls or auth, auth=auth,
-                                    timeout=timeout)
+                                    timeout=timeout, resume=resume)
     print_summary(summary, out_dir)
     typer.echo(f"node state and local adapters: {dep.work / 'nodes'}")
 

@@ -287,17 +287,20 @@ def app_dir() -> Path:
 
 def deploy_local(
     config: Path, nodes: int, overrides: list[str], out: Path, work: Path | None = None,
-    tls: bool = False, auth: bool = False, timeout: float = 3600,
+    tls: bool = False, auth: bool = False, timeout: float = 3600, resume: bool = False,
 ) -> tuple[dict[str, Any], LocalDeployment]:
     """Start a loopback deployment, run ``config`` on it, stop it; return the summary.
 
     The run directory ``out`` is written by the ServerApp (server side); each node's private
-    state and local adapters stay under ``<work>/nodes/node_<i>/``.
+    state and local adapters stay under ``<work>/nodes/node_<i>/``. ``resume`` continues the
+    unfinished run in ``out`` from its last checkpoint (the same ``work``: the nodes' state).
     """
     from fedblend.deploy.certs import make_certs
     from fedblend.reports.rundir import RunDir
 
     out = Path(out).resolve()
+    if resume and not (out / "checkpoint" / "state.json").is_file():
+        raise FedblendError(f"{out}: no checkpoint to resume from")  # before starting any daemon
     work = Path(work or out.parent / f".{out.name}.deploy").resolve()
     certs = make_certs(work / "certs", nodes=nodes) if (tls or auth) else None
     dep = LocalDeployment(nodes, work, certs=certs, auth=auth)
@@ -306,6 +309,7 @@ def deploy_local(
             "config": str(Path(config).resolve()),
             "overrides": ";".join(overrides),
             "out": str(out),
+            **({"resume": True} if resume else {}),
         })
         st = dep.wait(run_id, timeout)
     run = RunDir(out)

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.comm.codec import decode, encode
-from fedblend.engines.flower import wire
+from fedblend.engines.flower import faults, wire
 from fedblend.engines.flower.node import open_node
 from fedblend.rounds import check_roles
 
@@ -39,9 +39,10 @@ def train(msg: Message, context: Context) -> Message:
     node = open_node(f, context)
     rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
+    faults.maybe_stall(cid, rnd)  # test-only; no-op unless its env var is set
     trainer = node.load_trainer()
     prep = node.prepare(trainer)
-    state, source = node.load_state(context, trainer)
+    state, source, state_round = node.load_state(context, trainer, upto=rnd)
     ctx = ClientContext(
         cid=cid, round=rnd, seed=client_seed(node.cfg.seed, rnd, cid),
         examples=prep.train_data[cid], trainer=trainer, cfg=node.cfg,
@@ -50,8 +51,9 @@ def train(msg: Message, context: Context) -> Message:
     update, state = node.algorithm.local_update(ctx, decode(bytes(f[wire.PAYLOAD])), state)  # type: ignore[arg-type]
     node.timings["work_s"] = time.perf_counter() - t
     check_roles(cid, update, node.algorithm.shared_roles)
-    node.save_state(context, state, rnd + 1)
-    node.log({"type": "train", "round": rnd, "state_from": source, "state_roles": sorted(state)})
+    node.save_state(context, state, rnd + 1, keep_from=int(f.get(wire.CHECKPOINTED, 0)))  # type: ignore[arg-type]
+    node.log({"type": "train", "round": rnd, "state_from": source, "state_round": state_round,
+              "state_roles": sorted(state)})
     return Message(wire.content({wire.UPDATE: encode(update)}, node.timings), reply_to=msg)
 
 
@@ -64,7 +66,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rounds = node.cfg.train.rounds
     trainer = node.load_trainer()
     prep = node.prepare(trainer, evaluation=True)
-    state, source = node.load_state(context, trainer)
+    state, source, state_round = node.load_state(context, trainer, upto=rounds)
     final = decode(bytes(f[wire.PAYLOAD]))  # type: ignore[arg-type]
     ctx = ClientContext(
         cid=cid, round=rounds, seed=client_seed(node.cfg.seed, rounds, cid),
@@ -73,7 +75,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     t = time.perf_counter()
     state = node.algorithm.finish_client(ctx, final, state)
     node.timings["finish_s"] = time.perf_counter() - t
-    node.save_state(context, state, rounds)
+    node.save_state(context, state, rounds)  # the finished state: not a resumable snapshot
     t = time.perf_counter()
     reply = node.modality.evaluate_on_node(node.algorithm, trainer, node.fed, prep, ctx, final, state)
     node.timings["eval_s"] = time.perf_counter() - t
@@ -84,7 +86,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             path = node.run_dir / "adapters" / role / f"client_{cid}"
             trainer.adapters.export(role, tensors, path)
             exports[role] = str(path)
-    node.log({"type": "evaluate", "round": rounds, "state_from": source, "exports": exports})
+    node.log({"type": "evaluate", "round": rounds, "state_from": source, "state_round": state_round,
+              "exports": exports})
     reply[wire.EXPORTS] = json.dumps(exports)
     return Message(wire.content(reply, node.timings), reply_to=msg)
 

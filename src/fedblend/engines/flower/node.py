@@ -4,8 +4,10 @@
 Every Flower message starts a fresh ClientApp process, so a :class:`Node` is rebuilt per
 message from the config the server sends: the federation is rebuilt deterministically and
 the node keeps only its own client's data. The client's private state lives in
-``context.state`` (per run, per node) and in ``<state-dir>/run-<run_id>/client_<cid>.safetensors``
-so that a SuperNode restart does not lose it. Neither copy is ever sent.
+``context.state`` (per run, per node) and in ``<state-dir>/run-<key>/client_<cid>.safetensors``
+(plus per-round snapshots) so that a SuperNode restart does not lose it; ``<key>`` is the
+Flower run id of the run's first ServerApp, so a resumed ServerApp finds the same state.
+Neither copy is ever sent.
 """
 
 from __future__ import annotations
@@ -76,22 +78,56 @@ class Node:
         return prep
 
     # ---- private state ----------------------------------------------------------------------
-    def load_state(self, context: Context, trainer: Any) -> tuple[State, str]:
-        """This client's state and where it came from: ``context``, ``disk`` or ``init``."""
-        rec = context.state.config_records.get(STATE_RECORD)
-        if rec is not None and int(rec["cid"]) == self.cid:  # type: ignore[arg-type]
-            return decode(bytes(rec["state"])).tensors, "context"  # type: ignore[arg-type]
-        if self.state_path.is_file():
-            return load_state(self.state_path), "disk"
-        return self.algorithm.init_client_state(trainer, self.cid), "init"
+    # Besides the latest state (``client_<cid>.safetensors``) the node keeps one snapshot per
+    # trained round, ``snapshots/client_<cid>.r<k>.safetensors`` = the state after k rounds,
+    # back to the server's last checkpoint: a resumed ServerApp re-sends round r, and the node
+    # must train it from its state after r rounds even if it had already trained round r
+    # (the server died before aggregating it).
+    def snapshot_path(self, rounds_completed: int) -> Path:
+        return self.run_dir / "snapshots" / f"client_{self.cid}.r{rounds_completed}.safetensors"
 
-    def save_state(self, context: Context, state: State, rounds_completed: int) -> None:
+    def snapshots(self) -> dict[int, Path]:
+        """rounds completed -> snapshot file."""
+        pre = f"client_{self.cid}.r"
+        return {int(p.name[len(pre):].split(".")[0]): p
+                for p in (self.run_dir / "snapshots").glob(f"{pre}*.safetensors")}
+
+    def load_state(self, context: Context, trainer: Any, upto: int) -> tuple[State, str, int]:
+        """This client's state after at most ``upto`` rounds, where it came from (``context``,
+        ``disk`` or ``init``) and the rounds it reflects."""
+        rec = context.state.config_records.get(STATE_RECORD)
+        in_ctx = None
+        if rec is not None and int(rec["cid"]) == self.cid and not rec.get("finished"):  # type: ignore[arg-type]
+            in_ctx = int(rec["rounds_completed"])  # type: ignore[arg-type]
+        on_disk = max((k for k in self.snapshots() if k <= upto), default=None)
+        if in_ctx is not None and in_ctx <= upto and (on_disk is None or in_ctx >= on_disk):
+            return decode(bytes(rec["state"])).tensors, "context", in_ctx  # type: ignore[arg-type,index]
+        if on_disk is not None:
+            return load_state(self.snapshot_path(on_disk)), "disk", on_disk
+        return self.algorithm.init_client_state(trainer, self.cid), "init", 0
+
+    def save_state(self, context: Context, state: State, rounds_completed: int,
+                   keep_from: int | None = None) -> None:
+        """Save after training (``keep_from``: the server's last checkpoint; older snapshots
+        that no resume can need are deleted) or, with ``keep_from=None``, the finished state
+        after ``finish_client`` (not a snapshot: a resumed evaluation starts from the trained one)."""
+        finished = keep_from is None
         context.state[STATE_RECORD] = ConfigRecord({
             "cid": self.cid,
             "rounds_completed": rounds_completed,
+            "finished": finished,
             "state": encode(Message(tensors=state)),
         })
-        save_state(self.state_path, state, meta={"rounds_completed": str(rounds_completed)})
+        meta = {"rounds_completed": str(rounds_completed), "finished": str(finished).lower()}
+        save_state(self.state_path, state, meta=meta)
+        if keep_from is None:
+            return
+        save_state(self.snapshot_path(rounds_completed), state, meta=meta)
+        snaps = self.snapshots()
+        floor = max((k for k in snaps if k <= keep_from), default=0)
+        for k, p in snaps.items():
+            if k < floor:
+                p.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         """One line per handled message in ``<run dir>/node.jsonl`` (node-local)."""
@@ -125,9 +161,13 @@ def open_node(msg_fields: Any, context: Context) -> Node:
             f"SuperNode: {wire.NODE_PARTITION}={partition} but the federation has "
             f"{len(fed.clients)} clients (0..{len(fed.clients) - 1})"
         )
+    key = str(msg_fields[wire.RUN_KEY]) if wire.RUN_KEY in msg_fields else str(context.run_id)
+    if not key.isdigit():  # the server's first Flower run id; it names a directory
+        raise ConfigError(f"SuperNode: malformed {wire.RUN_KEY} {key!r} from the ServerApp")
     node = Node(
         cfg=modality.cfg, algorithm=make_algorithm(modality.cfg), modality=modality, fed=fed,
-        client=fed.clients[partition], run_dir=root / f"run-{context.run_id}",
+        client=fed.clients[partition],
+        run_dir=root / f"run-{key}",  # stays the same when the ServerApp resumes
     )
     node.timings["setup_s"] = time.perf_counter() - t
     return node

@@ -6,7 +6,12 @@ Run-config keys (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``):
 - ``overrides``: ``section.key=value`` items separated by ``;`` (like ``--set``);
 - ``out``: the run directory (default ``runs/<name>``), written on the server side;
 - ``node-wait-s``: how long to wait for one SuperNode per client;
-- ``message-timeout-s``: how long to wait for the replies of one round.
+- ``message-timeout-s``: how long to wait for the replies of one round (``engine.round_timeout``
+  of the config, when set, overrides it for training rounds);
+- ``resume``: ``true`` continues the unfinished run in ``out`` from its last checkpoint.
+
+A training round leaves out the clients whose reply did not arrive within the timeout or
+came back as an error (``metrics.jsonl``: ``dropped`` with the reason) and aggregates the rest.
 
 The server never holds a client's private state: it sends payloads, receives updates whose
 roles it checks against ``algorithm.shared_roles`` (a violation fails the run), and at the
@@ -31,7 +36,7 @@ from fedblend.algorithms.base import Algorithm
 from fedblend.comm.codec import Message as FbMessage
 from fedblend.comm.codec import decode
 from fedblend.config import ExperimentConfig, load_config
-from fedblend.engines.flower import wire
+from fedblend.engines.flower import faults, wire
 from fedblend.errors import ConfigError, FedblendError
 from fedblend.modalities import Modality, modality_for
 from fedblend.reports.rundir import RunDir
@@ -47,6 +52,7 @@ class Settings:
     out: str
     node_wait_s: float = 300.0
     message_timeout_s: float = 3600.0
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, rc: Any) -> Settings:
@@ -57,6 +63,7 @@ class Settings:
             config=str(rc["config"]), overrides=overrides, out=str(rc.get("out", "")),
             node_wait_s=float(rc.get("node-wait-s", 300)),
             message_timeout_s=float(rc.get("message-timeout-s", 3600)),
+            resume=str(rc.get("resume", False)).lower() in ("true", "1", "yes"),
         )
 
 
@@ -65,9 +72,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_run_config(context.run_config)
     cfg = load_config(settings.config, settings.overrides)
     run = RunDir(settings.out or Path("runs") / cfg.name)
-    run.start(cfg.to_dict(), resume=False)
+    start_round = run.start(cfg.to_dict(), resume=settings.resume)
     try:
-        serve(grid, cfg, run, settings, context.run_id)
+        serve(grid, cfg, run, settings, context.run_id, start_round)
     except BaseException as e:
         run.fail(e)
         raise
@@ -83,6 +90,7 @@ class FlowerClients:
     transport: Transport
     run: RunDir
     timeout_s: float
+    run_key: str = ""  # names each node's state dir; the first ServerApp's Flower run id
     nodes: dict[int, int] = field(default_factory=dict)  # cid -> Flower node id
     info: dict[int, dict[str, Any]] = field(default_factory=dict)  # cid -> query reply
     messages: list[dict[str, Any]] = field(default_factory=list)  # per reply: type, cid, timings
@@ -95,27 +103,36 @@ class FlowerClients:
             raw["data"]["dir"] = str(data_dir.resolve())  # nodes may run elsewhere on this host
         return json.dumps(raw)
 
-    def _send(self, kind: str, group: str, fields_by_cid: dict[int, dict[str, Any]]) -> dict[int, Message]:
+    def _send(self, kind: str, group: str, fields_by_cid: dict[int, dict[str, Any]],
+              timeout: float | None = None, tolerate: bool = False) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send and wait up to ``timeout`` s; returns (replies, dropped: cid -> reason). Without
+        ``tolerate`` an error reply or a missing one fails the run."""
         cfg_json = self.config_json
+        timeout = timeout or self.timeout_s
         out = [
-            Message(wire.content({wire.CONFIG: cfg_json, wire.CID: cid, **f}),
+            Message(wire.content({wire.CONFIG: cfg_json, wire.RUN_KEY: self.run_key, wire.CID: cid, **f}),
                     dst_node_id=self.nodes[cid], message_type=kind, group_id=group)
             for cid, f in fields_by_cid.items()
         ]
-        replies = list(self.grid.send_and_receive(out, timeout=self.timeout_s))
+        replies = list(self.grid.send_and_receive(out, timeout=timeout))
         by_node = {v: k for k, v in self.nodes.items()}
         got: dict[int, Message] = {}
+        dropped: dict[int, str] = {}
         for r in replies:
             cid = by_node[r.metadata.src_node_id]
             if r.has_error():
-                raise FedblendError(f"client {cid} ({kind}, round {group}): {r.error.reason}")
+                dropped[cid] = f"error: {r.error.reason}"
+                continue
             got[cid] = r
             self.messages.append({"type": kind, "round": group, "cid": cid,
                                   "node_id": r.metadata.src_node_id, **wire.timings(r)})
-        missing = sorted(set(fields_by_cid) - set(got))
-        if missing:
-            raise FedblendError(f"no {kind} reply from client(s) {missing} within {self.timeout_s:.0f} s")
-        return dict(sorted(got.items()))
+        for cid in sorted(set(fields_by_cid) - set(got) - set(dropped)):
+            dropped[cid] = f"timeout after {timeout:g} s"
+        for cid, why in sorted(dropped.items()):
+            self.messages.append({"type": kind, "round": group, "cid": cid, "dropped": why})
+        if dropped and not tolerate:
+            raise FedblendError("; ".join(f"client {c} ({kind}, round {group}): {w}" for c, w in dropped.items()))
+        return dict(sorted(got.items())), dropped
 
     def _inspect(self, kind: str, group: str, cid: int, r: Message, data: bytes | None) -> None:
         rec: dict[str, Any] = {"type": kind, "round": group, "cid": cid, "records": wire.describe(r)}
@@ -136,7 +153,8 @@ class FlowerClients:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             for node_id in new:
                 asked.add(node_id)
-                msg = Message(wire.content({wire.CONFIG: self.config_json}), dst_node_id=node_id,
+                msg = Message(wire.content({wire.CONFIG: self.config_json, wire.RUN_KEY: self.run_key}),
+                              dst_node_id=node_id,
                               message_type=MessageType.QUERY, group_id="setup")
                 for r in self.grid.send_and_receive([msg], timeout=self.timeout_s):
                     if r.has_error():
@@ -157,17 +175,25 @@ class FlowerClients:
                 )
             time.sleep(1.0)
 
-    def train_round(self, rnd: int, payloads: dict[int, FbMessage]) -> dict[int, FbMessage]:
-        sent = {cid: {wire.ROUND: rnd, wire.PAYLOAD: self.transport.encode_down(rnd, cid, p)}
+    def train_round(self, rnd: int, payloads: dict[int, FbMessage]) -> tuple[dict[int, FbMessage], dict[int, str]]:
+        """One round's updates, and the clients left out (no reply within the round timeout,
+        or an error reply) with the reason."""
+        every = self.cfg.engine.checkpoint_every
+        checkpointed = rnd // every * every if every else rnd  # what a resume would restart from
+        sent = {cid: {wire.ROUND: rnd, wire.CHECKPOINTED: checkpointed,
+                      wire.PAYLOAD: self.transport.encode_down(rnd, cid, p)}
                 for cid, p in payloads.items()}
+        replies, dropped = self._send(MessageType.TRAIN, str(rnd), sent,
+                                      timeout=self.cfg.engine.round_timeout or None, tolerate=True)
+        faults.maybe_kill_server(rnd)  # test-only; no-op unless its env var is set
         updates = {}
-        for cid, r in self._send(MessageType.TRAIN, str(rnd), sent).items():
+        for cid, r in replies.items():
             data = bytes(wire.fields(r)[wire.UPDATE])  # type: ignore[arg-type]
             self._inspect("train", str(rnd), cid, r, data)
             updates[cid] = with_client_seconds(
                 self.transport.decode_up(rnd, cid, data, self.algorithm.shared_roles), wire.timings(r).get("work_s")
             )
-        return updates
+        return updates, dropped
 
     def evaluate(self, final: FbMessage) -> tuple[dict[int, dict[str, str]], dict[str, Any]]:
         """Each node's evaluation reply (the modality's JSON fields), and its local exports."""
@@ -176,7 +202,7 @@ class FlowerClients:
                 for cid in sorted(self.nodes)}
         replies: dict[int, dict[str, str]] = {}
         local: dict[str, Any] = {}
-        for cid, r in self._send(MessageType.EVALUATE, "final", sent).items():
+        for cid, r in self._send(MessageType.EVALUATE, "final", sent)[0].items():
             self._inspect("evaluate", "final", cid, r, None)
             f = wire.fields(r)
             replies[cid] = {k: str(v) for k, v in f.items() if k != wire.EXPORTS}
@@ -185,7 +211,8 @@ class FlowerClients:
         return replies, local
 
 
-def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int) -> dict[str, Any]:
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int,
+          start_round: int = 0) -> dict[str, Any]:
     from fedblend.runner import complete_run
 
     t0 = time.perf_counter()
@@ -198,15 +225,25 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     if algorithm.pools_data:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} pools all data; run it in-process")
     transport = Transport()
-    clients = FlowerClients(grid, cfg, algorithm, transport, run, settings.message_timeout_s)
+    # resume: the server state of the last checkpoint (client states stay on the nodes, which
+    # keep per-round snapshots and train the re-sent round from the matching one)
+    if start_round:
+        server_state, _, counters = run.load_checkpoint([])
+        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+    else:
+        server_state, counters = None, {"train_s": 0.0}  # initialised once the trainer is loaded
+    counters.setdefault("flower_run_key", str(run_id))  # saved with every checkpoint
+    clients = FlowerClients(grid, cfg, algorithm, transport, run, settings.message_timeout_s,
+                            run_key=str(counters["flower_run_key"]))
     clients.discover(settings.node_wait_s)
     desc = next(iter(clients.info.values()))["describe"]  # federation facts, no data
     t = time.perf_counter()
     trainer = mod.load_trainer(desc)  # the server needs adapter shapes and export
     load_s = time.perf_counter() - t
-    server_state = algorithm.init_server_state(trainer)
+    if server_state is None:
+        server_state = algorithm.init_server_state(trainer)
     loop = run_round_loop(algorithm, sorted(clients.nodes), cfg, run, transport, server_state,
-                          clients.train_round)
+                          clients.train_round, start_round=start_round, counters=counters)
 
     t_eval = time.perf_counter()
     final = algorithm.final_payload(loop.server_state)
@@ -223,7 +260,8 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
              "finish_s": max(finish, default=0.0), "eval_s": eval_s,
              **({"feature_s": max(prepared)} if prepared else {})}
     comm = {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down}
-    summary = mod.summarize(run, algorithm, trainer, ev, comm, times, desc, exported, {})
+    summary = mod.summarize(run, algorithm, trainer, ev, comm, times, desc, exported,
+                            {"resumed_at_round": start_round or None})
     loads = [m["backbone_load_s"] for m in clients.messages if "backbone_load_s" in m]
     run.write_json("flower/engine.json", {
         "run_id": run_id,

@@ -28,6 +28,8 @@ EVAL = "eval"  # JSON of the client's evaluation (text: scores, weights, predict
 EXPORTS = "exports"  # node -> server (evaluate): JSON {role: node-local adapter path}
 REFERENCES = "references"  # text: JSON {task: [reference outputs]}
 CACHE = "cache"  # vision: JSON of the node's feature-cache use
+RUN_KEY = "run-key"  # server -> node: names the node's state dir; kept when a run resumes
+CHECKPOINTED = "checkpointed"  # server -> node (train): rounds in the server's last checkpoint
 
 # keys the ClientApp reads from the SuperNode's --node-config
 NODE_PARTITION = "partition-id"

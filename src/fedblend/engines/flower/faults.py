@@ -1,0 +1,41 @@
+"""Test-only fault injection for Flower deployments, switched on by environment variables
+that the deployment's daemons inherit. Never set them outside tests.
+
+- ``FEDBLEND_FAULT_STALL="<cid>:<round>:<seconds>"``: client ``cid``'s ClientApp sleeps that
+  long before training ``round``: a SuperNode that stalls mid-round (a SuperNode handles one
+  message at a time, so it answers its later messages only afterwards).
+- ``FEDBLEND_FAULT_KILL_SERVER="<round>"``: the ServerApp SIGKILLs itself once the replies of
+  ``round`` have arrived, before aggregating them: a server that dies after the nodes trained a
+  round the last checkpoint does not contain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+STALL_ENV = "FEDBLEND_FAULT_STALL"
+KILL_SERVER_ENV = "FEDBLEND_FAULT_KILL_SERVER"
+
+
+def _spec(env: str) -> list[float] | None:
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return None
+    try:
+        return [float(x) for x in raw.split(":")]
+    except ValueError:
+        raise ValueError(f"{env}={raw!r}: expected numbers separated by ':'") from None
+
+
+def maybe_stall(cid: int, rnd: int) -> None:
+    spec = _spec(STALL_ENV)
+    if spec is not None and len(spec) == 3 and (int(spec[0]), int(spec[1])) == (cid, rnd):
+        time.sleep(spec[2])
+
+
+def maybe_kill_server(rnd: int) -> None:
+    spec = _spec(KILL_SERVER_ENV)
+    if spec is not None and int(spec[0]) == rnd:
+        os.kill(os.getpid(), signal.SIGKILL)

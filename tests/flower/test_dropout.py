@@ -1,0 +1,74 @@
+"""The Flower server's side of dropout, against a scripted Grid: a client whose reply is an
+error and one whose reply never comes are left out; the round aggregates the one that answered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedblend.algorithms import make_algorithm
+from fedblend.comm.codec import Message as FbMessage
+from fedblend.comm.codec import encode
+from fedblend.config import load_config
+from fedblend.engines.flower import wire
+from fedblend.engines.flower.server_app import FlowerClients
+from fedblend.engines.inprocess import Transport, run_round_loop
+from fedblend.errors import FedblendError
+from fedblend.reports.rundir import RunDir
+
+from .conftest import TINY, TINY_OVERRIDES
+
+
+class ScriptedGrid:
+    """Node 100 (client 0) answers with an update, node 101 (client 1) with an error reply,
+    node 102 (client 2) never answers."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for m in messages:
+            if m.metadata.dst_node_id == 100:
+                update = FbMessage(tensors={"global": {"w": torch.ones(2, 2)}}, num_examples=3)
+                replies.append(Message(RecordDict({wire.RECORD: ConfigRecord({wire.UPDATE: encode(update)})}),
+                                       reply_to=m))
+            elif m.metadata.dst_node_id == 101:
+                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=m))
+        return replies
+
+
+@pytest.fixture()
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower stamps every Message with the identity of the running task; set a fake one
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_error_and_missing_replies_are_dropped_and_the_rest_aggregated(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=3", "train.rounds=1",
+                             "engine.round_timeout=7", "engine.checkpoint_every=0"])
+    run = RunDir(tmp_path / "run")
+    run.start(cfg.to_dict(), resume=False)
+    (run.path / "flower").mkdir()
+    algorithm, grid, transport = make_algorithm(cfg), ScriptedGrid(), Transport()
+    clients = FlowerClients(grid, cfg, algorithm, transport, run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
+                            nodes={0: 100, 1: 101, 2: 102})
+    start = {"global": {"w": torch.zeros(2, 2)}}
+    loop = run_round_loop(algorithm, [0, 1, 2], cfg, run, transport, start, clients.train_round)
+
+    assert grid.timeouts == [7]  # engine.round_timeout, not the 3600 s message timeout
+    (r0,) = run.rounds()
+    assert r0["clients"] == [0, 1, 2] and r0["answered"] == [0]
+    assert r0["dropped"] == {"1": "error: ClientApp raised", "2": "timeout after 7 s"}
+    assert torch.equal(loop.server_state["global"]["w"], torch.ones(2, 2))  # client 0's update alone
+
+    # evaluation still needs every client: a missing reply there fails the run
+    with pytest.raises(FedblendError, match="client 2 .*timeout after 3600 s"):
+        clients.evaluate(algorithm.final_payload(loop.server_state))
