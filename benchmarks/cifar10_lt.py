@@ -87,10 +87,11 @@ def time_round_without_cache(raw: dict, out: Path) -> float:
 
 def backbone_memory(raw: dict) -> dict:
     from fedblend.vision.backbones import load_backbone
-    from fedblend.vision.images import pixels, read_parquet_images
+    from fedblend.vision.images import pixels
+    from fedblend.vision.parquet import read_image_table
 
     out = {}
-    x = pixels(read_parquet_images(DATA / "test.parquet")[:64], raw["vision"]["image_size"],
+    x = pixels(read_image_table(DATA / "test.parquet").examples[:64], raw["vision"]["image_size"],
                [0.498] * 3, [0.502] * 3)
     feats = {}
     for nf4 in (False, True):
