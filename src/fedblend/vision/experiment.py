@@ -85,6 +85,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
     from fedblend.experiment import initial_states, peak_rss_mb, prepare_torch, progress_bars
     from fedblend.vision.backbones import load_backbone
     from fedblend.vision.federation import build_image_federation
+    from fedblend.vision.reference import reference_accuracies
     from fedblend.vision.trainer import VisionTrainer
 
     t0 = prepare_torch(cfg)
@@ -160,6 +161,8 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
         "unseen_domain": _mean([p["unseen_domain"] for p in pc]),
         "per_client": per_client,
     }
+    # centralized reference rows on the same frozen features (vision/reference.py)
+    accuracy["reference"] = reference_accuracies(cfg, trainer, list(train_data.values()), global_test, groups)
     history = tracked.history
     target = cfg.vision.target_accuracy
     to_target = next((i + 1 for i, a in enumerate(history) if a >= target), None)

@@ -131,7 +131,8 @@ class VisionTrainer:
     # ---- models -------------------------------------------------------------------------------
     def new_model(self) -> FeatureModel:
         return FeatureModel(self.dim, self.n_classes, self.v.adapter, self.head, self.scale,
-                            self.backbone.text_features, self.v.adapter_reduction, self.v.adapter_ratio)
+                            self.backbone.text_features, self.v.adapter_reduction, self.v.adapter_ratio,
+                            standardize=self.v.feature_norm == "standardize")
 
     def model_for(self, tensors: Mapping[str, torch.Tensor]) -> FeatureModel:
         m = self.new_model()
@@ -180,7 +181,11 @@ class VisionTrainer:
         tc = self.cfg.train
         tensors = self.adapters.state[role]
         model = self.model_for(tensors)
-        params = list(model.trainable().values())
+        if model.standardize and not model.has_stats:
+            # first time this role trains here: measure the statistics on the real features;
+            # FedAvg (example-weighted) then turns the clients' into the pooled statistics
+            model.set_stats(self.all_features(shard, tensors))
+        params = [p for p in model.trainable().values() if p.requires_grad]
         if self._lora_params:
             self._load_lora(tensors)
             params += list(self._lora_params.values())
