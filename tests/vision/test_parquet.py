@@ -65,7 +65,7 @@ def _cfg(root, **vision):
                              "engine": {"progress": False}})
 
 
-def test_grayscale_classlabel_parquet_trains_fedclip_end_to_end(tmp_path):
+def test_grayscale_classlabel_parquet_trains_fedclip_end_to_end(tmp_path, tiny_clip_dir):
     """Built with Hugging Face ``datasets`` (ClassLabel feature), grayscale + one palette image:
     the class names come from the metadata and reach the text head and the summary."""
     import datasets
@@ -84,7 +84,7 @@ def test_grayscale_classlabel_parquet_trains_fedclip_end_to_end(tmp_path):
             images[0] = _palette(0)
         Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "label": labels},
                           features=features).to_parquet(str(root / f"{split}.parquet"))
-    s = run_experiment(_cfg(root, cache_dir=str(tmp_path / "cache")), tmp_path / "run")
+    s = run_experiment(_cfg(root, cache_dir=str(tmp_path / "cache"), path=str(tiny_clip_dir)), tmp_path / "run")
     assert s["class_names"] == NAMES
     assert s["data"]["train_class_counts"] == [8, 8, 8] and s["data"]["global_test"] == 12
     assert 0.0 <= s["accuracy"]["overall"] <= 1.0

@@ -53,3 +53,44 @@ def test_standardisation_statistics_average_to_the_pooled_ones():
     z_raw, z_std = raw.embed(x), std_model.embed(x)
     assert float((z_raw @ z_raw.T).mean()) > 0.9
     assert abs(float((z_std @ z_std.T).mean())) < 0.1
+
+
+def test_federated_standardisation_pools_the_clients_statistics(tmp_path, tiny_clip_dir):
+    """After one FedAvg round the global model carries the statistics of all clients' unit-norm
+    training features pooled (measured locally, averaged by example count)."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from fedblend.experiment import run_experiment
+    from fedblend.vision.backbones import load_backbone
+    from fedblend.vision.federation import build_image_federation
+    from fedblend.vision.trainer import VisionTrainer
+
+    from .conftest import vision_cfg
+
+    cfg = vision_cfg(head="cosine", feature_norm="standardize", path=str(tiny_clip_dir),
+                     cache_dir=str(tmp_path / "cache"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rounds": 1})})
+    s = run_experiment(cfg, tmp_path / "run")
+    assert s["accuracy"]["reference"]["centralized_adapter"] is not None
+    got = load_file(str(tmp_path / "run" / "adapters" / "global" / "adapter.safetensors"))
+    fed = build_image_federation(cfg)
+    tr = VisionTrainer(cfg, load_backbone(cfg.vision, fed.class_names, cfg.seed), len(fed.class_names))
+    g = F.normalize(torch.cat([tr.shard(c.train).feats for c in fed.clients]), dim=-1)
+    assert tr.cache.misses == 0  # the run's cached features
+    assert torch.allclose(got["norm_mean"], g.mean(0), atol=1e-5)
+    assert torch.allclose(got["norm_sq"], (g**2).mean(0), atol=1e-5)
+
+
+def test_standardisation_with_clip_text_head_is_a_config_error(tiny_clip_dir):
+    import pytest
+
+    from fedblend.errors import ConfigError
+    from fedblend.vision.backbones import load_backbone
+    from fedblend.vision.trainer import VisionTrainer
+
+    from .conftest import vision_cfg
+
+    cfg = vision_cfg(feature_norm="standardize", path=str(tiny_clip_dir), cache_dir="")
+    with pytest.raises(ConfigError, match="vision.feature_norm: 'standardize'"):
+        VisionTrainer(cfg, load_backbone(cfg.vision, cfg.vision.class_names, 0), 4)

@@ -25,7 +25,7 @@ from fedblend.config import ExperimentConfig
 from fedblend.vision.trainer import Shard, VisionTrainer
 
 ROLE = "reference"
-L2_GRID = (1e-5, 1e-4, 1e-3)
+L2_GRID = (1e-4, 1e-3, 1e-2)
 
 
 def _accuracy(pred: torch.Tensor, y: torch.Tensor, classes: list[int] | None = None) -> float | None:
@@ -38,7 +38,7 @@ def _scores(pred: torch.Tensor, y: torch.Tensor, groups: dict[str, list[int]]) -
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
-                 iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                 iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-batch multinomial logistic regression (L-BFGS); returns weight [C, D] and bias [C]."""
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)

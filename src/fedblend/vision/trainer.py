@@ -96,6 +96,9 @@ class VisionTrainer:
             if cfg.algorithm == "zeroshot":
                 raise ConfigError("algorithm: zeroshot needs a CLIP backbone (vision.backbone = 'clip')")
             raise ConfigError("vision.head: 'text' needs a backbone with a text tower (CLIP)")
+        if self.head == "text" and v.feature_norm == "standardize":
+            raise ConfigError("vision.feature_norm: 'standardize' moves image features out of CLIP's "
+                              "joint space; use 'l2' with the text head (or head = 'cosine')")
         self.scale = v.logit_scale or backbone.logit_scale
         self.dim = backbone.dim
         self.use_cache = bool(v.cache_dir) and not v.lora
