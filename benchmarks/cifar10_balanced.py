@@ -15,6 +15,7 @@ reports its ratio to the probe. Also measures the backbone's feature-extraction 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, default=500)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cifar10_balanced"))
     ap.add_argument("--set", action="append", default=[], help="extra override for every run")
+    ap.add_argument("--runs", default=",".join(f.removesuffix(".toml") for f, _ in RUNS.values()),
+                    help="comma-separated config names to run (fedclip first: it holds the references)")
+    ap.add_argument("--reuse", action="store_true", help="read a finished run's summary.json instead of rerunning")
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: CIFAR-10 parquet not found")
@@ -69,12 +73,18 @@ def main() -> None:
               "engine.progress=false", "engine.threads=1", "engine.checkpoint_every=0", *args.set]
     t_all = time.perf_counter()
     rows, ref, first = [], None, None
+    wanted = args.runs.split(",")
     for label, (file, extra) in RUNS.items():
+        if file.removesuffix(".toml") not in wanted:
+            continue
         d = out / "runs" / file.removesuffix(".toml")
-        shutil.rmtree(d, ignore_errors=True)
-        # the reference rows depend on the data and the adapter config only: computed once
-        no_ref = [] if label.startswith("fedclip") else ["vision.reference=false"]
-        s = run_experiment(load_config(CONFIGS / file, common + extra + no_ref), d)
+        if args.reuse and (d / "summary.json").is_file():
+            s = json.loads((d / "summary.json").read_text())
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            # the reference rows depend on the data and the adapter config only: computed once
+            no_ref = [] if label.startswith("fedclip") else ["vision.reference=false"]
+            s = run_experiment(load_config(CONFIGS / file, common + extra + no_ref), d)
         first = first or s
         a = s["accuracy"]
         if label.startswith("fedclip"):
