@@ -104,7 +104,9 @@ def main() -> None:
         "",
         (f"Shipped fedclip config: adapter {v.adapter}, head {v.head}, feature_norm {v.feature_norm}, "
          f"balanced_loss {v.balanced_loss}, lr {tr.lr}, batch {tr.batch_size}, {tr.rounds} rounds x "
-         f"{tr.local_epochs} local epochs. Timings on a shared 2-core CPU under heavy load from other jobs."),
+         f"{tr.local_epochs} local epochs. Timings on a shared 2-core CPU under heavy load from other jobs "
+         "(load average 15-30 while this ran): read them as upper bounds. 'tail' = the 3 classes with the "
+         "fewest training images (all equal here, so classes 7-9)."),
         "",
         "| method | algorithm | overall acc | tail acc | own-split acc | ratio to linear probe | s/round | bytes/round |",
         "|---|---|---|---|---|---|---|---|",
