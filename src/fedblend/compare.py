@@ -33,7 +33,10 @@ def _row(label: str, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if "mean_by_metric" in summary:
             row["by_metric"] = summary["mean_by_metric"]
     if "accuracy" in summary:
-        row["accuracy"] = {k: v for k, v in summary["accuracy"].items() if k != "per_client"}
+        acc = summary["accuracy"]
+        row["accuracy"] = {k: v for k, v in acc.items() if k not in ("per_client", "reference")}
+        ref = acc.get("reference") or {}  # vision: centralized reference rows, as columns
+        row["accuracy"].update({f"ref {n}": ref.get(k) for k, n in (("linear_probe", "probe"), ("centralized_adapter", "adapter")) if ref})
     return row
 
 

@@ -148,6 +148,10 @@ class VisionConfig(_Section):
     adapter_ratio: float = Field(0.2, gt=0, le=1, description="residual adapter mix alpha")
     adapter_reduction: int = Field(4, ge=1, description="residual bottleneck width = dim / reduction")
     head: Literal["auto", "text", "cosine", "linear"] = "auto"
+    feature_norm: Literal["l2", "standardize"] = Field(
+        "l2", description="standardize: centre/scale unit-norm features per dimension before the "
+        "adapter, statistics measured by each client and averaged with the adapter",
+    )
     logit_scale: float = Field(0.0, ge=0, description="0 = the CLIP checkpoint's (or 30 without one)")
     loss: Literal["auto", "contrastive", "ce"] = Field(
         "auto", description="auto: CLIP contrastive with a text head, cross-entropy otherwise"
@@ -164,8 +168,11 @@ class VisionConfig(_Section):
     gan_warmup_rounds: int = Field(1, ge=0, description="rounds before synthetic features are used")
     gan_target: float = Field(0.5, gt=0, le=1, description="top up each class to this x max count")
     # data and federation
-    dataset: Literal["cifar10", "synthetic"] = "cifar10"
-    dir: str = "../shared/data/cifar10"
+    dataset: Literal["cifar10", "parquet", "synthetic"] = Field(
+        "cifar10", description="parquet: any vision.dir with train/test.parquet (image, label); "
+        "cifar10: the same, CIFAR-10's class names unless the data or class_names say otherwise",
+    )
+    dir: str = Field("../shared/data/cifar10", description="holds train.parquet and test.parquet")
     federation: Literal["label_skew", "domain"] = "label_skew"
     imbalance_factor: float = Field(1.0, ge=1, description="CIFAR-LT: class c keeps n_max*IF^(-c/(C-1))")
     n_max: int = Field(0, ge=0, description="LT head class size; 0 = the largest class")
@@ -181,6 +188,9 @@ class VisionConfig(_Section):
     cache_dir: str = Field(".fedblend_cache", description="frozen-feature cache; '' = off")
     feature_batch_size: int = Field(64, ge=1)
     target_accuracy: float = Field(0.5, gt=0, le=1, description="for rounds_to_target")
+    reference: bool = Field(True, description="centralized linear probe + adapter reference rows "
+                            "(accuracy.reference; computed only with the feature cache)")
+    reference_epochs: int = Field(10, ge=1, description="epochs of the centralized reference adapter")
 
     @field_validator("prompt_template")
     @classmethod

@@ -55,10 +55,12 @@ def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
         console.print(t)
     if "accuracy" in summary:
         acc = Table(title="accuracy")
-        keys = [k for k in summary["accuracy"] if k != "per_client"]
-        for k in keys:
+        flat = {k: v for k, v in summary["accuracy"].items() if k not in ("per_client", "reference")}
+        ref = summary["accuracy"].get("reference") or {}  # vision: centralized reference rows
+        flat.update({f"ref {n}": ref.get(k) for k, n in (("linear_probe", "probe"), ("centralized_adapter", "adapter")) if ref})
+        for k in flat:
             acc.add_column(k, justify="right")
-        acc.add_row(*[("n/a" if summary["accuracy"][k] is None else f"{summary['accuracy'][k]:.4f}") for k in keys])
+        acc.add_row(*[("n/a" if v is None else f"{v:.4f}") for v in flat.values()])
         console.print(acc)
     comm, tm = summary.get("comm", {}), summary.get("time", {})
     console.print(

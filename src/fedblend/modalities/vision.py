@@ -170,7 +170,14 @@ class VisionModality(Modality):
         memo: dict[str, Any] = {}
         per_client = {c.cid: self.client_record(algorithm, trainer, fed, prep.extra, c.cid, finals[c.cid],
                                                 states[c.cid], memo) for c in fed.clients}
-        return Evaluation(per_client=per_client, times=self._cache_times(trainer))
+        from fedblend.vision.reference import reference_accuracies
+
+        # centralized reference rows on the same frozen features (in-process only: a deployment
+        # never pools the clients' data, so on Flower accuracy.reference is null)
+        reference = reference_accuracies(self.cfg, trainer, list(prep.train_data.values()),
+                                         prep.extra.global_test, fed.class_groups())
+        return Evaluation(per_client=per_client, times=self._cache_times(trainer),
+                          extra={"reference": reference})
 
     def _cache_times(self, trainer: Any) -> dict[str, Any]:
         return {"feature_cache": {"used": trainer.use_cache, "hits": trainer.cache.hits,
@@ -207,6 +214,7 @@ class VisionModality(Modality):
             ("overall", "global"), ("own", "own"), ("head", "head"), ("medium", "medium"),
             ("tail", "tail"), ("unseen_domain", "unseen_domain"))}
         accuracy["per_client"] = per_client
+        accuracy["reference"] = (ev.extra or {}).get("reference")
         saved = run.path / ROUND_ACCURACY
         history = json.loads(saved.read_text()) if saved.is_file() else []
         target = cfg.vision.target_accuracy

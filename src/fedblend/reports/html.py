@@ -186,10 +186,11 @@ def write_report(path: str | Path) -> Path:
           t.get("train_s", 0.0), t.get("eval_s", 0.0), mem.get("peak_rss_mb", 0.0)]],
     ))
     if "accuracy" in s:
-        acc = s["accuracy"]
+        acc = {k: v for k, v in s["accuracy"].items() if k not in ("per_client", "reference")}
+        ref = s["accuracy"].get("reference") or {}  # vision: centralized reference rows
+        acc.update({f"ref {n}": ref.get(k) for k, n in (("linear_probe", "probe"), ("centralized_adapter", "adapter")) if ref})
         parts.append("<h2>Accuracy</h2>" + _table(
-            [k for k in acc if k != "per_client"],
-            [[acc[k] if acc[k] is not None else "n/a" for k in acc if k != "per_client"]],
+            list(acc), [[v if v is not None else "n/a" for v in acc.values()]],
         ))
     figs = []
     for title, b64 in (

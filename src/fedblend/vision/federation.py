@@ -19,12 +19,8 @@ from pathlib import Path
 from fedblend.config import ExperimentConfig
 from fedblend.data.federation import partition_by_label
 from fedblend.errors import ConfigError, DataError
-from fedblend.vision.images import (
-    CIFAR10_CLASSES,
-    ImageExample,
-    read_parquet_images,
-    synthetic_images,
-)
+from fedblend.vision.images import CIFAR10_CLASSES, ImageExample, synthetic_images
+from fedblend.vision.parquet import read_image_table, resolve_classes
 
 
 @dataclass
@@ -106,13 +102,11 @@ def load_pool(cfg: ExperimentConfig) -> tuple[list[str], list[ImageExample], lis
     root = Path(v.dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"vision.dir: directory not found: {v.dir}")
-    train = read_parquet_images(root / "train.parquet")
-    test = read_parquet_images(root / "test.parquet")
-    n = max(e.label for e in train) + 1
-    names = v.class_names or (CIFAR10_CLASSES if n == 10 else [f"class {c}" for c in range(n)])
-    if len(names) != n:
-        raise ConfigError(f"vision.class_names: {len(names)} names for {n} classes")
-    return names, train, test
+    train = read_image_table(root / "train.parquet")
+    test = read_image_table(root / "test.parquet")
+    preset = CIFAR10_CLASSES if v.dataset == "cifar10" else None
+    names = resolve_classes(train, test, v.class_names, preset)
+    return names, train.examples, test.examples
 
 
 def build_image_federation(cfg: ExperimentConfig) -> ImageFederation:

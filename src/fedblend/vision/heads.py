@@ -32,13 +32,27 @@ class ResidualAdapter(nn.Module):
         return self.alpha * self.mlp(f) + (1 - self.alpha) * f
 
 
+STATS = ("norm_mean", "norm_sq")  # feature standardisation statistics (travel, not trained)
+
+
 class FeatureModel(nn.Module):
-    """adapter -> L2 norm -> head. Heads: ``text`` (cosine to frozen class-prompt features),
-    ``cosine`` (learned class prototypes), ``linear``. Only trainable tensors travel."""
+    """[standardise ->] adapter -> L2 norm -> head. Heads: ``text`` (cosine to frozen
+    class-prompt features), ``cosine`` (learned class prototypes), ``linear``. Only trainable
+    tensors (and the standardisation statistics) travel.
+
+    Standardisation (``standardize``): the unit-norm feature is centred and scaled per
+    dimension by ``norm_mean`` / ``norm_sq`` (mean and mean square of unit-norm training
+    features), then re-normalised. All zero = not yet measured = no standardisation.
+    """
 
     def __init__(self, dim: int, n_classes: int, adapter: str, head: str, scale: float,
-                 text: torch.Tensor | None, reduction: int = 4, alpha: float = 0.2) -> None:
+                 text: torch.Tensor | None, reduction: int = 4, alpha: float = 0.2,
+                 standardize: bool = False) -> None:
         super().__init__()
+        self.standardize = standardize
+        if standardize:
+            self.norm_mean = nn.Parameter(torch.zeros(dim), requires_grad=False)
+            self.norm_sq = nn.Parameter(torch.zeros(dim), requires_grad=False)
         if adapter == "attention":
             self.adapter: nn.Module = AttentionAdapter(dim)
         elif adapter == "residual":
@@ -55,8 +69,23 @@ class FeatureModel(nn.Module):
         else:
             self.linear = nn.Linear(dim, n_classes)
 
+    @property
+    def has_stats(self) -> bool:
+        return self.standardize and bool(self.norm_sq.any())
+
+    @torch.no_grad()
+    def set_stats(self, feats: torch.Tensor) -> None:
+        """Measure the standardisation statistics on (raw) training features."""
+        g = F.normalize(feats, dim=-1)
+        self.norm_mean.copy_(g.mean(0))
+        self.norm_sq.copy_((g**2).mean(0))
+
     def embed(self, f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.adapter(F.normalize(f, dim=-1)), dim=-1)
+        g = F.normalize(f, dim=-1)
+        if self.has_stats:
+            std = (self.norm_sq - self.norm_mean**2).clamp_min(1e-12).sqrt()
+            g = F.normalize((g - self.norm_mean) / std, dim=-1)
+        return F.normalize(self.adapter(g), dim=-1)
 
     def class_weights(self) -> torch.Tensor:
         return self.text if self.head_kind == "text" else F.normalize(self.prototypes, dim=-1)
@@ -68,7 +97,7 @@ class FeatureModel(nn.Module):
         return self.scale * z @ self.class_weights().T
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.named_parameters() if p.requires_grad or n in STATS}
 
 
 def contrastive_loss(z: torch.Tensor, class_w: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:

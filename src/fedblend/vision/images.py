@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ class ImageExample:
     image: bytes  # encoded JPEG/PNG
     label: int
     domain: str = "none"
+    source: str = field(default="", compare=False)  # "train.parquet row 17", for error messages
 
     @property
     def key(self) -> str:
@@ -30,28 +30,7 @@ class ImageExample:
         return hashlib.sha1(self.image + self.domain.encode()).hexdigest()
 
     def with_domain(self, domain: str) -> ImageExample:
-        return ImageExample(self.image, self.label, domain)
-
-
-def read_parquet_images(path: Path) -> list[ImageExample]:
-    """Images stored the Hugging Face hub way: columns ``image`` {bytes, path} and ``label``."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise DataError(f"{path}: image parquet file not found")
-    try:
-        table = pq.read_table(path, columns=["image", "label"])
-    except (OSError, KeyError, ValueError) as e:  # pyarrow's errors derive from these
-        raise DataError(f"{path}: cannot read image parquet (need columns image, label): {e}") from None
-    images = table.column("image").to_pylist()
-    labels = table.column("label").to_pylist()
-    out = []
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-        data = img.get("bytes") if isinstance(img, dict) else img
-        if not data or y is None:
-            raise DataError(f"{path}: row {i} has no image bytes or no label")
-        out.append(ImageExample(bytes(data), int(y)))
-    return out
+        return ImageExample(self.image, self.label, domain, self.source)
 
 
 def synthetic_images(n_classes: int, per_class: int, seed: int, size: int = 32) -> list[ImageExample]:
@@ -90,11 +69,27 @@ def corrupt(img: Image.Image, domain: str, key: str) -> Image.Image:
     raise DataError(f"unknown corruption {domain!r}")
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale (L, LA, 1), palette (P, with or without transparency),
+    RGBA/CMYK, and 16/32-bit or float grayscale (I;16, I, F; rescaled to 0..255)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when P with transparency goes straight to RGB
+    return img.convert("RGB")
+
+
 def load_image(ex: ImageExample) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(ex.image)).convert("RGB")
+        img = to_rgb(Image.open(io.BytesIO(ex.image)))
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise DataError(f"image {ex.key[:12]}: cannot decode: {e}") from None
+        where = ex.source or f"image {ex.key[:12]}"
+        raise DataError(f"{where}: corrupt image bytes, cannot decode: {e}") from None
     return corrupt(img, ex.domain, ex.key)
 
 

@@ -96,6 +96,9 @@ class VisionTrainer:
             if cfg.algorithm == "zeroshot":
                 raise ConfigError("algorithm: zeroshot needs a CLIP backbone (vision.backbone = 'clip')")
             raise ConfigError("vision.head: 'text' needs a backbone with a text tower (CLIP)")
+        if self.head == "text" and v.feature_norm == "standardize":
+            raise ConfigError("vision.feature_norm: 'standardize' moves image features out of CLIP's "
+                              "joint space; use 'l2' with the text head (or head = 'cosine')")
         self.scale = v.logit_scale or backbone.logit_scale
         self.dim = backbone.dim
         self.use_cache = bool(v.cache_dir) and not v.lora
@@ -131,7 +134,8 @@ class VisionTrainer:
     # ---- models -------------------------------------------------------------------------------
     def new_model(self) -> FeatureModel:
         return FeatureModel(self.dim, self.n_classes, self.v.adapter, self.head, self.scale,
-                            self.backbone.text_features, self.v.adapter_reduction, self.v.adapter_ratio)
+                            self.backbone.text_features, self.v.adapter_reduction, self.v.adapter_ratio,
+                            standardize=self.v.feature_norm == "standardize")
 
     def model_for(self, tensors: Mapping[str, torch.Tensor]) -> FeatureModel:
         m = self.new_model()
@@ -180,7 +184,11 @@ class VisionTrainer:
         tc = self.cfg.train
         tensors = self.adapters.state[role]
         model = self.model_for(tensors)
-        params = list(model.trainable().values())
+        if model.standardize and not model.has_stats:
+            # first time this role trains here: measure the statistics on the real features;
+            # FedAvg (example-weighted) then turns the clients' into the pooled statistics
+            model.set_stats(self.all_features(shard, tensors))
+        params = [p for p in model.trainable().values() if p.requires_grad]
         if self._lora_params:
             self._load_lora(tensors)
             params += list(self._lora_params.values())
