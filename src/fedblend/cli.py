@@ -87,11 +87,18 @@ def run(
     """Run one experiment and write its run directory."""
     from fedblend.config import load_config
     from fedblend.experiment import run_experiment
+    from fedblend.signals import Interrupted, record_interrupt, sigterm_interrupts
 
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
-        summary = run_experiment(cfg, out_dir, resume=resume)
+        try:
+            with sigterm_interrupts():
+                summary = run_experiment(cfg, out_dir, resume=resume)
+        except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
+            hint = record_interrupt(out_dir, sys.argv[1:], "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
+            err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
     print_summary(summary, out_dir)
 
 

@@ -15,6 +15,7 @@ from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
 from fedblend.engines.inprocess import Tap, Transport, run_rounds
+from fedblend.engines.trust import last_privacy
 from fedblend.reports.rundir import RunDir, save_state
 
 
@@ -224,6 +225,7 @@ def build_summary(
         "instance_weights": _weight_stats(results) if weights else None,
         "resumed_at_round": None,
         "evaluated_from": None,
+        "privacy": last_privacy(run.rounds()),  # issue 10: client-level DP, None when off
         **(extra or {}),
     }
 

@@ -17,6 +17,7 @@ from typing import Any
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
 from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig
+from fedblend.engines.trust import FAULT, fault_dropped, round_record, screen_updates, skip_reason
 from fedblend.reports.rundir import RunDir
 
 Tap = Callable[[str, int, int, bytes], None]  # (direction, round, client id, wire bytes)
@@ -99,9 +100,11 @@ class LoopResult:
     train_s: float
 
 
-Dispatch = Callable[[int, dict[int, Message]], dict[int, Message]]
-"""Delivers one round's payloads (by client id) and returns the decoded updates; the engine
-decides where ``local_update`` runs (here, or on a Flower SuperNode)."""
+Dispatch = Callable[[int, dict[int, Message]], tuple[dict[int, Message], dict[int, str]]]
+"""Delivers one round's payloads (by client id) and returns ``(updates, dropped)``: the
+decoded updates of the clients that answered, and ``{client id: reason}`` for those that did
+not (fault injection, timeout); the engine decides where ``local_update`` runs (here, or on a
+Flower SuperNode)."""
 
 
 def run_rounds(
@@ -119,14 +122,18 @@ def run_rounds(
 ) -> LoopResult:
     """Run rounds ``start_round..cfg.train.rounds-1``; log, checkpoint, return final states."""
 
-    def dispatch(rnd: int, payloads: dict[int, Message]) -> dict[int, Message]:
+    def dispatch(rnd: int, payloads: dict[int, Message]) -> tuple[dict[int, Message], dict[int, str]]:
         task = None
         if progress is not None:
             total = sum(algorithm.update_steps(len(train_data[c]), rnd, trainer) for c in payloads)
             task = progress.add_task(f"round {rnd + 1}/{cfg.train.rounds}", total=total)
         updates: dict[int, Message] = {}
+        dropped: dict[int, str] = {}
         for cid, sent in payloads.items():
             payload = transport.down(rnd, cid, sent)
+            if fault_dropped(cfg, rnd, cid):  # issue 10: seeded fault injection
+                dropped[cid] = FAULT
+                continue
             ctx = ClientContext(
                 cid=cid, round=rnd, seed=client_seed(cfg.seed, rnd, cid), examples=train_data[cid],
                 trainer=trainer, cfg=cfg,
@@ -138,7 +145,7 @@ def run_rounds(
             updates[cid] = with_client_seconds(transport.up(rnd, cid, update, algorithm.shared_roles), seconds)
         if task is not None:
             progress.remove_task(task)
-        return updates
+        return updates, dropped
 
     return run_round_loop(
         algorithm, sorted(train_data), cfg, run, transport, server_state, dispatch,
@@ -167,9 +174,16 @@ def run_round_loop(
         t_round = time.perf_counter()
         selected = select_clients(cfg, rnd, ids)
         payloads = algorithm.configure_round(rnd, server_state, selected)
-        updates = dispatch(rnd, {cid: payloads[cid] for cid in selected})
-        client_metrics = {str(cid): dict(updates[cid].metrics) for cid in selected if cid in updates}
-        server_state = algorithm.aggregate(rnd, updates, server_state)
+        received, dropped = dispatch(rnd, {cid: payloads[cid] for cid in selected})
+        client_metrics = {str(cid): dict(received[cid].metrics) for cid in selected if cid in received}
+        # -- issue 10: screen (decompress + validate), skip below train.min_clients --------
+        updates, rejected = screen_updates(algorithm, cfg, received, server_state)
+        skipped = skip_reason(cfg, len(updates), bool(selected))
+        if skipped is None:
+            server_state = algorithm.aggregate(rnd, updates, server_state)
+        trust = round_record(algorithm, cfg, selected, list(received), dropped, rejected, skipped,
+                             counters, len(ids))
+        # -- end issue 10 ------------------------------------------------------------------
         seconds = time.perf_counter() - t_round
         counters["train_s"] = counters.get("train_s", 0.0) + seconds
         losses = [m["loss"] for m in client_metrics.values() if "loss" in m]
@@ -181,6 +195,7 @@ def run_round_loop(
             "bytes_up": transport.per_round.get(rnd, {}).get("up", 0),
             "bytes_down": transport.per_round.get(rnd, {}).get("down", 0),
             "seconds": seconds,
+            **trust,
         })
         every = cfg.engine.checkpoint_every
         if every and ((rnd + 1) % every == 0 or rnd + 1 == cfg.train.rounds):

@@ -13,6 +13,7 @@ from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, client_seed
 from fedblend.config import ExperimentConfig
 from fedblend.engines.inprocess import Tap, run_rounds
+from fedblend.engines.trust import last_privacy
 from fedblend.reports.rundir import RunDir
 
 
@@ -210,6 +211,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
         },
         "adapters": exported,
         "resumed_at_round": start_round or None,
+        "privacy": last_privacy(logged),  # issue 10: client-level DP, None when off
     }
     run.write_summary(summary)
     from fedblend.reports.html import write_report

@@ -157,7 +157,7 @@ class FlowerClients:
                 )
             time.sleep(1.0)
 
-    def train_round(self, rnd: int, payloads: dict[int, FbMessage]) -> dict[int, FbMessage]:
+    def train_round(self, rnd: int, payloads: dict[int, FbMessage]) -> tuple[dict[int, FbMessage], dict[int, str]]:
         sent = {cid: {wire.ROUND: rnd, wire.PAYLOAD: self.transport.encode_down(rnd, cid, p)}
                 for cid, p in payloads.items()}
         updates = {}
@@ -167,7 +167,7 @@ class FlowerClients:
             updates[cid] = with_client_seconds(
                 self.transport.decode_up(rnd, cid, data, self.algorithm.shared_roles), wire.timings(r).get("work_s")
             )
-        return updates
+        return updates, {}  # (updates, dropped): h4's round_timeout fills ``dropped``
 
     def evaluate(self, final: FbMessage) -> tuple[dict[int, ClientEval], dict[str, list[str]], dict[str, Any]]:
         rounds = self.cfg.train.rounds
