@@ -49,7 +49,7 @@ def quantize(x: torch.Tensor, scheme: str) -> Tensors:
         q = torch.round(unit * 127).to(torch.int8).reshape(-1)[:n]
         return {"q": q, "scale": scale}
     if scheme == "nf4":
-        codes = (unit.reshape(-1, 1) - NF4).abs().argmin(dim=1).to(torch.uint8)
+        codes = torch.bucketize(unit.reshape(-1), (NF4[1:] + NF4[:-1]) / 2).to(torch.uint8)  # nearest
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_zeros(1)])
         packed = (codes[0::2] << 4) | codes[1::2]

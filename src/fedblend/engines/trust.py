@@ -47,7 +47,8 @@ def round_record(
         "answered": sorted(answered),
         "dropped": {str(c): r for c, r in sorted(dropped.items())},
         "rejected": {str(c): r for c, r in sorted(rejected.items())},
-        "aggregation": getattr(algorithm, "last_aggregation", None) or {"rule": cfg.aggregate.rule},
+        "aggregation": (None if skipped else getattr(algorithm, "last_aggregation", None))
+        or {"rule": cfg.aggregate.rule},
     }
     if skipped:
         rec["skipped"] = skipped
