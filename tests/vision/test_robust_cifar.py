@@ -26,7 +26,7 @@ def test_median_and_trimmed_mean_resist_sign_flipping_clients(tmp_path):
             "train": {"rounds": 6, "local_epochs": 2, "lr": 3e-3, "batch_size": 32},
             "engine": {"progress": False},
             "vision": {"backbone": "efficientnet_lite0", "dir": str(CIFAR), "image_size": 32,
-                       "n_max": 40, "test_per_class": 20, "own_test_size": 10,
+                       "n_max": 40, "test_per_class": 20, "own_test_size": 20,
                        "cache_dir": str(tmp_path / "cache")},
             **sections,
         }
