@@ -25,11 +25,11 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 ATTACK = ["attack.kind='sign_flip'", "attack.clients=[0, 1, 2]", "attack.scale=10.0"]
 
 
-def base_config(n_max: int, rounds: int, test_per_class: int, cache: str) -> dict[str, Any]:
+def base_config(n_max: int, rounds: int, test_per_class: int, cache: str, lr: float, epochs: float) -> dict[str, Any]:
     return {
         "name": "trust", "algorithm": "fedavg_adapter", "seed": 0,
         "data": {"num_clients": 10, "partitioner": "dirichlet", "dirichlet_alpha": 0.5},
-        "train": {"rounds": rounds, "local_epochs": 2, "lr": 3e-3, "batch_size": 32},
+        "train": {"rounds": rounds, "local_epochs": epochs, "lr": lr, "batch_size": 32},
         "engine": {"progress": False, "threads": 1},
         "vision": {"backbone": "efficientnet_lite0", "dir": str(CIFAR), "image_size": 32,
                    "n_max": n_max, "test_per_class": test_per_class, "own_test_size": 20,
@@ -78,7 +78,8 @@ def table(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Trust features on CIFAR-10 features (benchmarks/trust.py)", "",
         (f"fedavg adapter on frozen EfficientNet-Lite0 features (32 px), CIFAR-10, {args.n_max} training "
-        f"images per class, Dirichlet(0.5) over 10 clients, {args.rounds} rounds, 2 local epochs, "
+        f"images per class, Dirichlet(0.5) over 10 clients, {args.rounds} rounds, {args.epochs:g} local "
+         f"epochs, lr {args.lr:g}, "
         f"{args.test_per_class * 10} balanced test images; seed 0. Attack: clients 0, 1, 2 send "
         "sign-flipped deltas scaled x10. Measured on a shared 2-core CPU box under load (seconds "
         "are indicative only)."), "",
@@ -107,23 +108,24 @@ def main() -> int:
     ap.add_argument("--n-max", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--test-per-class", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--clip", type=float, default=0.5, help="DP clip of each client's delta")
     ap.add_argument("--only", nargs="*", default=None, help="scenario names to run")
     args = ap.parse_args()
     if not CIFAR.is_dir():
         print(f"{CIFAR}: not found", file=sys.stderr)
         return 2
-    raw = base_config(args.n_max, args.rounds, args.test_per_class, str(args.out / "cache"))
+    raw = base_config(args.n_max, args.rounds, args.test_per_class, str(args.out / "cache"), args.lr, args.epochs)
     res: dict[str, dict[str, Any]] = {}
     for name, ov in scenarios(args.clip).items():
         if args.only and name not in args.only and name != "clean fedavg":
             continue
         res[name] = run_one(raw, ov, args.out / name.replace(" ", "_").replace("=", ""))
         print(name, json.dumps({k: v for k, v in res[name].items() if k != "privacy"}), flush=True)
-    md = table(res, args)
-    print(md)
-    if args.md:
-        args.md.write_text(md)
+        if args.md:  # after every run, so a partial table survives an interrupted benchmark
+            args.md.write_text(table(res, args))
+    print(table(res, args))
     return 0
 
 
