@@ -10,10 +10,11 @@ import tomli_w
 from conftest import ROOT, tiny_raw
 from typer.testing import CliRunner
 
-from fedblend.cli import app, resume_hint
+from fedblend.cli import app
 from fedblend.config import config_from_dict
 from fedblend.errors import ConfigError
 from fedblend.reports.rundir import RunDir
+from fedblend.signals import resume_command
 
 TINY = str(ROOT / "configs" / "tiny" / "fedit.toml")
 
@@ -94,11 +95,12 @@ def test_ctrl_c_prints_the_resume_hint_that_works(tmp_path: Path, monkeypatch):
     res = runner.invoke(app, base)
     assert res.exit_code == 130
     hint = " ".join(res.output.split())
-    assert f"interrupted after round 1; continue the run with: fedblend run {TINY} --out {out} " \
+    assert f"interrupted (SIGINT) after round 1; continue with: fedblend run {TINY} --out {out} " \
         "--set engine.progress=false --resume" in hint
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(RunDir, "save_checkpoint", original)
     resumed = runner.invoke(app, [*base, "--resume"])  # the hinted command finishes the run
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "summary.json").read_text())["resumed_at_round"] == 1
-    fresh = resume_hint(Path("c.toml"), tmp_path / "none", [])
-    assert fresh == f"interrupted before the first checkpoint; start it again with: fedblend run c.toml --out {tmp_path / 'none'}"
+    assert resume_command(["run", "c.toml"], tmp_path / "none") == \
+        f"fedblend run c.toml --out {tmp_path / 'none'} --resume"

@@ -24,22 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, sugg
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")]
 
 
-def resume_hint(config_path: Path, out: Path, overrides: list[str]) -> str:
-    """What to type after an interrupted ``fedblend run``: resume from the last checkpoint, or
-    start again when the run stopped before its first one."""
-    import json
-    import shlex
-
-    args = ["fedblend", "run", str(config_path), "--out", str(out)]
-    for o in overrides:
-        args += ["--set", o]
-    state = out / "checkpoint" / "state.json"
-    if state.is_file():
-        done = json.loads(state.read_text()).get("rounds_completed", "?")
-        return f"interrupted after round {done}; continue the run with: {shlex.join(args + ['--resume'])}"
-    return f"interrupted before the first checkpoint; start it again with: {shlex.join(args)}"
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
@@ -50,15 +34,19 @@ def run(
     """Run one experiment and write its run directory."""
     from fedblend.config import load_config
     from fedblend.experiment import run_experiment
+    from fedblend.signals import Interrupted, record_interrupt, sigterm_interrupts
 
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
         try:
-            summary = run_experiment(cfg, out_dir, resume=resume)
-        except KeyboardInterrupt:
-            err_console.print(resume_hint(config, out_dir, set_ or []), highlight=False, soft_wrap=True)
-            raise typer.Exit(code=130) from None
+            with sigterm_interrupts():
+                summary = run_experiment(cfg, out_dir, resume=resume)
+        except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
+            argv = ["run", str(config), "--out", str(out_dir)] + [a for o in set_ or [] for a in ("--set", o)]
+            hint = record_interrupt(out_dir, argv, "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
+            err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
     print_summary(summary, out_dir)
 
 

@@ -97,6 +97,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0)
     clients_per_round: int = Field(0, ge=0, description="0 = every client every round")
+    min_clients: int = Field(1, ge=1, description="fewer valid updates than this: the round is skipped")
     # FedDPA
     local_weight: float = Field(0.5, ge=0, le=1, description="FedDPA-T weight a of the local adapter")
     finetune_epochs: float = Field(0, ge=0, description="FedDPA-F local fine-tuning epochs")
@@ -222,6 +223,44 @@ class EngineConfig(_Section):
     progress: bool = True
 
 
+class FaultsConfig(_Section):
+    """Seeded fault injection (in-process engine), for testing and research."""
+
+    drop_prob: float = Field(0.0, ge=0, lt=1, description="chance a sampled client fails its update")
+
+
+class AggregateConfig(_Section):
+    """How the server screens and combines updates (see fedblend.aggregation.robust)."""
+
+    rule: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    trim_ratio: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: cut this share at each end")
+    krum_f: int = Field(1, ge=0, description="krum / multi_krum: assumed number of hostile clients")
+    clip_norm: float = Field(0.0, ge=0, description="clip each update's delta to this L2 norm; 0 = off")
+    max_update_norm: float = Field(0.0, ge=0, description="reject updates whose delta norm exceeds this; 0 = off")
+
+
+class AttackConfig(_Section):
+    """Simulated hostile clients (applied to their update delta, client side)."""
+
+    kind: Literal["none", "sign_flip", "scale", "gaussian"] = "none"
+    clients: list[int] = Field(default_factory=list, description="ids of the hostile clients")
+    scale: float = Field(10.0, gt=0, description="sign_flip/scale factor; gaussian noise std")
+
+
+class PrivacyConfig(_Section):
+    """Client-level DP: clip each delta on the client, Gaussian noise on the server's mean."""
+
+    clip: float = Field(0.0, ge=0, description="L2 clip of each client's delta; 0 = DP off")
+    noise_multiplier: float = Field(0.0, ge=0, description="noise std = noise_multiplier * clip / sampled")
+    delta: float = Field(1e-5, gt=0, lt=1, description="target delta of the (epsilon, delta) guarantee")
+
+
+class CommConfig(_Section):
+    compress: Literal["none", "fp16", "int8", "nf4"] = Field(
+        "none", description="upload compression of update deltas (blockwise, error feedback)"
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     algorithm: str = "fedit"
@@ -233,6 +272,11 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
 
     @field_validator("algorithm")
     @classmethod
@@ -241,6 +285,14 @@ class ExperimentConfig(_Section):
         if v not in known:
             raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _trust_checks(self) -> ExperimentConfig:
+        if self.privacy.noise_multiplier > 0 and self.privacy.clip <= 0:
+            raise ValueError("privacy.clip: must be > 0 when privacy.noise_multiplier > 0")
+        if self.privacy.clip > 0 and self.aggregate.rule != "fedavg":
+            raise ValueError("aggregate.rule: client-level DP needs 'fedavg' (its noise is calibrated to a mean)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -18,6 +18,7 @@ from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig
 from fedblend.plain_progress import round_line, say
 from fedblend.reports.rundir import RunDir
+from fedblend.trust import round_record, screen_updates, skip_reason
 
 Tap = Callable[[str, int, int, bytes], None]  # (direction, round, client id, wire bytes)
 
@@ -99,12 +100,11 @@ class LoopResult:
     train_s: float
 
 
-Dispatch = Callable[
-    [int, dict[int, Message]], dict[int, Message] | tuple[dict[int, Message], dict[int, str]]
-]
-"""Delivers one round's payloads (by client id) and returns the decoded updates, or
-``(updates, dropped)`` with ``dropped`` = {client id: reason} for clients that did not answer;
-the engine decides where ``local_update`` runs (here, or on a Flower SuperNode)."""
+Dispatch = Callable[[int, dict[int, Message]], tuple[dict[int, Message], dict[int, str]]]
+"""Delivers one round's payloads (by client id) and returns ``(updates, dropped)``: the
+decoded updates of the clients that answered, and ``{client id: reason}`` for those that did
+not (fault injection, timeout, an error reply); the engine decides where ``local_update``
+runs (here, or on a Flower SuperNode)."""
 
 
 def run_round_loop(
@@ -128,24 +128,28 @@ def run_round_loop(
         t_round = time.perf_counter()
         selected = select_clients(cfg, rnd, ids)
         payloads = algorithm.configure_round(rnd, server_state, selected)
-        result = dispatch(rnd, {cid: payloads[cid] for cid in selected})
-        updates, dropped = result if isinstance(result, tuple) else (result, {})
-        client_metrics = {str(cid): dict(updates[cid].metrics) for cid in selected if cid in updates}
-        if updates:  # a round nobody answered leaves the global model unchanged
+        received, dropped = dispatch(rnd, {cid: payloads[cid] for cid in selected})
+        client_metrics = {str(cid): dict(received[cid].metrics) for cid in selected if cid in received}
+        # screen (decompress + validate); below train.min_clients the round is skipped and the
+        # server state stays as it was (issue 10)
+        updates, rejected = screen_updates(algorithm, cfg, received, server_state)
+        skipped = skip_reason(cfg, len(updates), bool(selected))
+        if skipped is None:
             server_state = algorithm.aggregate(rnd, updates, server_state)
+        trust = round_record(algorithm, cfg, selected, list(received), dropped, rejected, skipped,
+                             counters, len(ids))
         seconds = time.perf_counter() - t_round
         counters["train_s"] = counters.get("train_s", 0.0) + seconds
         losses = [m["loss"] for m in client_metrics.values() if "loss" in m]
         record = {
             "round": rnd,
             "clients": selected,
-            "answered": sorted(updates),
-            "dropped": {str(cid): why for cid, why in sorted(dropped.items())},
             "loss": sum(losses) / len(losses) if losses else None,
             "client_metrics": client_metrics,
             "bytes_up": transport.per_round.get(rnd, {}).get("up", 0),
             "bytes_down": transport.per_round.get(rnd, {}).get("down", 0),
             "seconds": seconds,
+            **trust,
         }
         run.log_round(record)
         say(cfg.engine.progress, round_line(cfg.name, record, cfg.train.rounds))

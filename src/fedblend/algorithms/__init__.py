@@ -28,8 +28,10 @@ def make_algorithm(cfg: ExperimentConfig) -> Algorithm:
     target = _REGISTRY.get(cfg.algorithm)
     if target is None:
         raise ConfigError(f"algorithm: {cfg.algorithm!r} is not available in this build")
+    from fedblend.algorithms.wrappers import wrap_algorithm
+
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    return wrap_algorithm(getattr(importlib.import_module(module), cls)(cfg), cfg)
 
 for _name, _target in {
     "zeroshot": "fedblend.algorithms.fedclip:ZeroShot",

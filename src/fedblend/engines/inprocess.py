@@ -28,6 +28,7 @@ from fedblend.rounds import (  # noqa: F401  (re-exported: the engine's public n
     select_clients,
     with_client_seconds,
 )
+from fedblend.trust import FAULT, fault_dropped
 
 
 def local_dispatch(
@@ -41,14 +42,18 @@ def local_dispatch(
 ) -> Dispatch:
     """In-process delivery: every selected client's ``local_update`` runs here, in turn."""
 
-    def dispatch(rnd: int, payloads: dict[int, Message]) -> dict[int, Message]:
+    def dispatch(rnd: int, payloads: dict[int, Message]) -> tuple[dict[int, Message], dict[int, str]]:
         task = None
         if progress is not None:
             total = sum(algorithm.update_steps(len(train_data[c]), rnd, trainer) for c in payloads)
             task = progress.add_task(f"round {rnd + 1}/{cfg.train.rounds}", total=total)
         updates: dict[int, Message] = {}
+        dropped: dict[int, str] = {}
         for cid, sent in payloads.items():
             payload = transport.down(rnd, cid, sent)
+            if fault_dropped(cfg, rnd, cid):  # seeded fault injection (faults.drop_prob)
+                dropped[cid] = FAULT
+                continue
             ctx = ClientContext(
                 cid=cid, round=rnd, seed=client_seed(cfg.seed, rnd, cid), examples=train_data[cid],
                 trainer=trainer, cfg=cfg,
@@ -60,7 +65,7 @@ def local_dispatch(
             updates[cid] = with_client_seconds(transport.up(rnd, cid, update, algorithm.shared_roles), seconds)
         if task is not None:
             progress.remove_task(task)
-        return updates
+        return updates, dropped
 
     return dispatch
 

@@ -13,6 +13,7 @@ from fedblend.eval.protocol import ClientEval, evaluate_client, evaluate_text, s
 from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
 from fedblend.plain_progress import say
 from fedblend.reports.rundir import RunDir
+from fedblend.trust import last_privacy
 
 
 class TextModality(Modality):
@@ -136,6 +137,7 @@ def build_summary(
         "instance_weights": _weight_stats(results) if weights else None,
         "resumed_at_round": None,
         "evaluated_from": None,
+        "privacy": last_privacy(run.rounds()),  # client-level DP; None when off
         **(extra or {}),
     }
 

@@ -16,6 +16,7 @@ from fedblend.comm.codec import Message
 from fedblend.config import ExperimentConfig
 from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
 from fedblend.reports.rundir import RunDir
+from fedblend.trust import last_privacy
 
 ROUND_ACCURACY = "eval/accuracy_per_round.json"
 
@@ -254,5 +255,6 @@ class VisionModality(Modality):
             "data": desc["data"],
             "adapters": exported,
             "resumed_at_round": None,
+            "privacy": last_privacy(logged),  # client-level DP; None when off
             **extra,
         }

@@ -3,7 +3,7 @@
 Layout::
 
     DIR/config.toml        resolved config (loadable by ``fedblend run``)
-    DIR/status.json        {"status": "running" | "failed" | "complete", ...}
+    DIR/status.json        {"status": "running" | "failed" | "interrupted" | "complete", ...}
     DIR/metrics.jsonl      one JSON line per round
     DIR/checkpoint/        server and client states after the last checkpointed round
     DIR/adapters/          PEFT adapter directories (global once, local per client)
@@ -116,8 +116,14 @@ class RunDir:
         atomic_write(self.path / "status.json", json.dumps({"status": status, **extra}, indent=2))
 
     def fail(self, error: BaseException) -> None:
-        if self.path.is_dir():
-            self.set_status("failed", error=f"{error.__class__.__name__}: {error}")
+        if not self.path.is_dir():
+            return
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (fedblend.signals)
+            ckpt = self.path / "checkpoint" / "state.json"
+            done = json.loads(ckpt.read_text())["rounds_completed"] if ckpt.is_file() else 0
+            self.set_status("interrupted", rounds_completed=done)
+            return
+        self.set_status("failed", error=f"{error.__class__.__name__}: {error}")
 
     # -- records ---------------------------------------------------------------------------
     def log_round(self, record: dict[str, Any]) -> None:
