@@ -61,7 +61,15 @@ def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start
 def run_experiment(
     cfg: ExperimentConfig, out: str | Path, resume: bool = False, tap: Tap | None = None
 ) -> dict[str, Any]:
-    """Run ``cfg`` and return its summary; a failed run leaves no summary.json."""
+    """Run ``cfg`` and return its summary; a failed run leaves no summary.json. Third-party
+    warnings and logs go to ``out/run.log``, not the terminal."""
+    from fedblend.runlog import third_party_to
+
+    with third_party_to(Path(out) / "run.log"):
+        return _run_experiment(cfg, out, resume, tap)
+
+
+def _run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool, tap: Tap | None) -> dict[str, Any]:
     if cfg.algorithm in VISION_ALGORITHMS:
         from fedblend.vision.experiment import run_vision_experiment
 
@@ -282,6 +290,13 @@ def write_eval_records(run: RunDir, references: dict[str, list[str]], results) -
 def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
     """Re-evaluate a completed text run with other ``eval.*`` settings (e.g. FedDPA weightings)
     from the states its clients held after training; writes a new run directory."""
+    from fedblend.runlog import third_party_to
+
+    with third_party_to(Path(out) / "run.log"):
+        return _evaluate_run(source, overrides, out)
+
+
+def _evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
     from fedblend.backbones.text import load_text_backbone
     from fedblend.comm.codec import Message
     from fedblend.config import config_from_dict

@@ -122,6 +122,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
         groups = fed.class_groups()
         per_client: dict[str, Any] = {}
         memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        records: dict[int, torch.Tensor] = {}
         for c in fed.clients:
             fin = transport.down(rounds, c.cid, final)
             state = loop.client_states.get(c.cid, {})
@@ -136,6 +137,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
                              trainer.predict(mix, adapters, unseen) if unseen is not None else None)
             g_pred, u_pred = memo[key]
             own_pred = trainer.predict(mix, adapters, own_tests[c.cid])
+            records[c.cid] = g_pred
             per_client[str(c.cid)] = {
                 "domain": c.domain,
                 "train_examples": len(c.train),
@@ -149,6 +151,7 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
             }
         eval_s = time.perf_counter() - t_eval
 
+    write_vision_records(run, global_test.labels, records)
     pc = list(per_client.values())
     n_cls = len(fed.class_names)
     accuracy = {
@@ -216,3 +219,15 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None) 
 
     write_report(run.path)
     return summary
+
+
+def write_vision_records(run: RunDir, labels: torch.Tensor, preds: dict[int, torch.Tensor]) -> None:
+    """eval/predictions.jsonl: one line per (client, global test instance), so comparisons can
+    bootstrap accuracy over instances."""
+    y = labels.tolist()
+    lines = [
+        json.dumps({"client": cid, "split": "global", "index": i, "label": y[i], "prediction": int(p)})
+        for cid, pred in preds.items() for i, p in enumerate(pred.tolist())
+    ]
+    (run.path / "eval").mkdir(exist_ok=True)
+    (run.path / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
