@@ -73,3 +73,17 @@ def test_third_party_warnings_and_logs_go_to_the_run_log(tmp_path, capfd):
     assert "a deprecated thing" in text and "loading noise" in text and "flower noise" in text
     # outside a run, the handlers are back as they were
     assert not any(getattr(h, "baseFilename", None) == str(log) for h in logging.getLogger("flwr").handlers)
+
+
+def test_vision_records_reproduce_overall_and_tail_accuracy(tmp_path):
+    from fedblend.config import load_config
+    from fedblend.evidence import run_strata
+    from fedblend.experiment import run_experiment
+    from fedblend.stats import bootstrap
+
+    cfg = load_config(ROOT / "configs" / "tiny" / "clip_smoke.toml",
+                      [f"vision.cache_dir='{tmp_path / 'cache'}'", "engine.progress=false", "vision.gan=false"])
+    s = run_experiment(cfg, tmp_path / "run")
+    strata = run_strata(tmp_path / "run")
+    assert bootstrap([strata["accuracy"]])["mean"] == pytest.approx(s["accuracy"]["overall"])
+    assert bootstrap([strata["tail accuracy"]])["mean"] == pytest.approx(s["accuracy"]["tail"])

@@ -104,3 +104,39 @@ def test_unknown_paper_and_budget_name_the_option():
         budget_configs("fedavg", "quick")
     with pytest.raises(ConfigError, match="--budget"):
         budget_configs("feddpa", "huge")
+
+
+def test_judge_turns_fixed_scores_into_claim_verdicts(tmp_path):
+    import json
+
+    from fedblend.reproduce import FEDDPA_CLAIMS, judge, write_claims_report
+
+    n = 40
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0.2, 0.6, size=(2, n))
+
+    def method(shift_p: float, shift_other: float):
+        # 2 clients, own tasks t0/t1; TTP strata (client, task) for both tasks
+        p = {"0": ("t0", base[0] + shift_p), "1": ("t1", base[1] + shift_p)}
+        ttp = {"0/t0": ("t0", base[0] + shift_p), "0/t1": ("t1", base[1] + shift_other),
+               "1/t0": ("t0", base[0] + shift_other), "1/t1": ("t1", base[1] + shift_p)}
+        return [{"P": p, "TTP": ttp}]
+
+    strata = {
+        "local": method(0.05, -0.2), "fedit": method(0.0, 0.0), "feddpa_f": method(0.15, 0.0),
+        "feddpa_t": method(-0.1, -0.1), "feddpa_f_static": method(0.15, 0.0),
+    }
+    rows = {r["id"]: r for r in judge(list(FEDDPA_CLAIMS), strata, resolve=0.05)}
+    assert rows["dpa_f_vs_fedit_P"]["verdict"] == "agrees"
+    assert rows["dpa_t_vs_fedit_P"]["verdict"] == "disagrees"
+    assert rows["dpa_f_vs_local_TTP"]["verdict"] == "agrees"
+    # the same scores with and without dynamic weighting: exactly 0, decided "no difference"
+    assert rows["dynamic_vs_static_TTP"]["difference"]["half"] == 0.0
+    assert (rows["dynamic_vs_static_TTP"]["verdict"], rows["dynamic_vs_static_TTP"]["decided"]) == (
+        "inconclusive", True)
+    assert rows["dpa_t_vs_dpa_f_P"]["verdict"] == "differs" and rows["dpa_t_vs_dpa_f_P"]["note"] == "b ahead"
+    doc = {"paper": "feddpa", "title": "t", "budget": "quick", "about": "a", "seeds": [1], "wall_s": 1.0,
+           "interval": "i", "methods": {}, "claims": list(rows.values())}
+    html = write_claims_report(tmp_path, doc).read_text()
+    assert "FedDPA-F beats FedIT" in html and "agrees" in html and "disagrees" in html
+    json.dumps(doc)  # claims.json is plain JSON

@@ -226,6 +226,7 @@ def reproduce(
     budget: Annotated[str, typer.Option("--budget", help="quick (~15 min, 2 CPU cores), standard (~2 h), paper (GPU)")] = "quick",
     out: Annotated[Path | None, typer.Option("--out", help="output directory")] = None,
     set_: SetOpt = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="number of seeds (default: the budget's)")] = None,
 ) -> None:
     """Run a paper's protocol at a budget and judge each claim: writes claims.json + report.html."""
     from rich.markup import escape
@@ -235,7 +236,8 @@ def reproduce(
 
     out_dir = out or Path("runs") / f"reproduce-{paper}-{budget}"
     with user_errors():
-        doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)))
+        doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)),
+                            n_seeds=seeds)
     t = Table(title=f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)")
     for col in ("claim", "measured", "a - b", "verdict"):
         t.add_column(col)

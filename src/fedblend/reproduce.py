@@ -172,8 +172,9 @@ def _qlora_claims(cfg: ExperimentConfig, bytes_up_per_round: float) -> list[dict
 
 
 def reproduce(paper: str, budget: str, out: Path, overrides: list[str] | None = None,
-              say=print) -> dict[str, Any]:
-    """Run the protocol, judge the claims, write ``out/claims.json`` and ``out/report.html``."""
+              say=print, n_seeds: int | None = None) -> dict[str, Any]:
+    """Run the protocol, judge the claims, write ``out/claims.json`` and ``out/report.html``.
+    ``n_seeds`` replaces the budget's number of seeds."""
     from fedblend.compare import run_compare, seed_list
     from fedblend.evidence import method_stats, run_strata
 
@@ -182,7 +183,7 @@ def reproduce(paper: str, budget: str, out: Path, overrides: list[str] | None = 
     b = spec["budgets"][budget]
     t0 = time.perf_counter()
     labels = list(configs)
-    seeds = seed_list(spec["base"]["seed"], b["seeds"])
+    seeds = seed_list(spec["base"]["seed"], n_seeds or b["seeds"])
     say(f"reproduce {paper} --budget {budget}: {', '.join(labels)} x {len(seeds)} seed(s) ({b['about']})")
     result = run_compare(list(configs.values()), out / "runs", resume=True, seeds=seeds, labels=labels)
     runs = {r["label"]: [Path(d) for d in r["run_dirs"]] for r in result["runs"]}
