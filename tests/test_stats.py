@@ -84,6 +84,9 @@ def test_verdicts_on_fixed_numbers():
     assert (v, decided) == ("inconclusive", True) and "too small" not in note
     assert verdict(against, 0, 0.05) == ("differs", True, "b ahead")
     assert verdict(wide, 0, 0.05)[0] == "inconclusive"
+    # touching 0 but reaching past the resolvable effect: not "no difference"
+    lopsided = {"lo": 0.0, "hi": 0.067, "half": 0.0335}
+    assert verdict(lopsided, 1, 0.05)[:2] == ("inconclusive", False)
 
 
 @pytest.mark.parametrize("paper", PAPERS)

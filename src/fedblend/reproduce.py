@@ -99,16 +99,16 @@ def budget_configs(paper: str, budget: str, overrides: list[str] | None = None) 
 def verdict(diff: dict[str, Any], direction: int, resolve: float) -> tuple[str, bool, str]:
     """(verdict, decided, note) for a paired difference a - b whose claim is a > b
     (``direction`` 1) or a two-sided comparison (``direction`` 0)."""
-    lo, hi, half = diff["lo"], diff["hi"], diff["half"]
+    lo, hi = diff["lo"], diff["hi"]
     if lo > 0 or hi < 0:
         if direction == 0:
             return ("differs", True, "a ahead" if lo > 0 else "b ahead")
         agrees = (lo > 0) == (direction > 0)
         return ("agrees" if agrees else "disagrees", True, "the 95% interval excludes 0")
-    if half > resolve:
+    if max(-lo, hi) > resolve:
         return ("inconclusive", False,
-                (f"budget too small to decide: the 95% interval (±{half:.3f}) crosses 0 and is wider "
-                f"than the ±{resolve:.2f} this budget is meant to resolve; run a larger --budget"))
+                (f"budget too small to decide: the 95% interval [{lo:.3f}, {hi:.3f}] crosses 0 and reaches "
+                f"beyond the ±{resolve:.2f} this budget is meant to resolve; run a larger --budget"))
     return ("inconclusive", True, (f"the 95% interval crosses 0 and is within ±{resolve:.2f}: "
             "no difference at the effect size this budget resolves"))
 
