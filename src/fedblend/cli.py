@@ -30,8 +30,9 @@ def run(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    seeds: SeedsOpt = None,
 ) -> None:
-    """Run one experiment and write its run directory."""
+    """Run one experiment and write its run directory (with --seeds N: DIR/seed_<s>/ each)."""
     from fedblend.config import load_config
     from fedblend.experiment import run_experiment
     from fedblend.signals import Interrupted, record_interrupt, sigterm_interrupts
@@ -39,14 +40,22 @@ def run(
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
-        try:
-            with sigterm_interrupts():
-                summary = run_experiment(cfg, out_dir, resume=resume)
-        except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
-            argv = ["run", str(config), "--out", str(out_dir)] + [a for o in set_ or [] for a in ("--set", o)]
-            hint = record_interrupt(out_dir, argv, "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
-            err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
+        if seeds:
+            from fedblend.compare import run_compare, seed_list
+
+            result = run_compare([cfg], out_dir, resume=resume, seeds=seed_list(cfg.seed, seeds), flat=True)
+        else:
+            try:
+                with sigterm_interrupts():
+                    summary = run_experiment(cfg, out_dir, resume=resume)
+            except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
+                argv = ["run", str(config), "--out", str(out_dir)] + [a for o in set_ or [] for a in ("--set", o)]
+                hint = record_interrupt(out_dir, argv, "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
+                err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
+    if seeds:
+        _print_compare(result, out_dir)
+        return
     print_summary(summary, out_dir)
 
 
@@ -117,17 +126,50 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run, comparison or swee
 
 
 def _print_compare(result: dict[str, Any], out: Path) -> None:
-    t = Table(title="comparison (same federation and seed)")
-    for col in ("method", "mean P", "mean TTP", "bytes up", "bytes down", "wall s"):
+    from rich.markup import escape
+
+    from fedblend.compare import interval_note
+    from fedblend.stats import fmt
+
+    per = (result.get("stats") or {}).get("methods", {})
+    vision = any("accuracy" in r for r in result["runs"])
+    cols = ("accuracy", "tail accuracy") if vision else ("P", "TTP")
+    n = len(result.get("seeds") or [])
+    t = Table(title=f"comparison (same federation; {n} seed{'s' if n != 1 else ''} per method)")
+    for col in ("method", *(c if vision else f"mean {c}" for c in cols), "bytes up", "bytes down", "wall s"):
         t.add_column(col, justify="left" if col == "method" else "right")
     for r in result["runs"]:
-        p = f"{r['P']:.4f}" if "P" in r else "-"
-        ttp = f"{r['TTP']:.4f}" if "TTP" in r else "-"
-        t.add_row(r["label"], p, ttp, _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}")
+        cells = []
+        for c in cols:
+            st = per.get(r["label"], {}).get(c)
+            point = r.get(c) if not vision else (r.get("accuracy") or {}).get("overall" if c == "accuracy" else "tail")
+            cells.append(fmt(st) if st else (f"{point:.4f}" if point is not None else "-"))
+        t.add_row(escape(r["label"]), *cells, _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}")
     console.print(t)
+    pairs = (result.get("stats") or {}).get("pairs", [])
+    if pairs:
+        d = Table(title="paired differences a - b (paired by seed and test instance)")
+        for col in ("a", "b", "metric", "a - b", "significant"):
+            d.add_column(col, justify="left" if col in ("a", "b", "metric") else "right")
+        for p in pairs:
+            sig = p["diff"]["significant"]
+            d.add_row(escape(p["a"]), escape(p["b"]), escape(p["metric"]), fmt(p["diff"]), "yes *" if sig else "no",
+                      style="bold" if sig else None)
+        console.print(d)
+    if per:
+        console.print(f"{interval_note(result)}; * = the interval excludes 0")
+    elif (result.get("stats") or {}).get("error"):
+        console.print(f"no intervals: {result['stats']['error']}")
     metric = next((r["metric"] for r in result["runs"] if "metric" in r), None)
     if metric:
-        console.print(f"P and TTP are mean {metric} over clients; details in {out}/compare.json and {out}/report.html")
+        what = "accuracy on the balanced test set, mean over clients" if vision else f"mean {metric} over clients"
+        console.print(f"{'/'.join(cols)}: {what}; details in {out}/compare.json and {out}/report.html")
+
+
+SeedsOpt = Annotated[
+    int | None,
+    typer.Option("--seeds", min=1, help="run every method under N seeds (config seed, +1, ...); adds intervals"),
+]
 
 
 @app.command()
@@ -136,14 +178,16 @@ def compare(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="comparison directory")] = Path("runs/compare"),
     resume: Annotated[bool, typer.Option("--resume", help="reuse completed runs, resume unfinished ones")] = False,
+    seeds: SeedsOpt = None,
 ) -> None:
     """Run several configs (same overrides) and print one table; writes compare.json + report."""
-    from fedblend.compare import load_configs, run_compare
+    from fedblend.compare import load_configs, run_compare, seed_list
 
     with user_errors():
         cfgs = load_configs(configs, set_ or [])
         before = _finished_runs(out)
-        result = run_compare(cfgs, out, resume=resume)
+        result = run_compare(cfgs, out, resume=resume,
+                             seeds=seed_list(cfgs[0].seed, seeds) if seeds else None)
     _say_reused(before, out)
     _print_compare(result, out)
 
@@ -152,14 +196,16 @@ def compare(
 def demo(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="comparison directory")] = Path("runs/demo"),
+    seeds: SeedsOpt = None,
 ) -> None:
-    """The embedded default: local vs fedit with SmolLM2 on a small flan8 federation, offline."""
-    from fedblend.compare import demo_configs, run_compare
+    """The embedded default: local vs fedit vs feddpa_f with SmolLM2 on a small flan8
+    federation, offline, with intervals over seeds and test instances."""
+    from fedblend.compare import DEMO_SEEDS, demo_configs, run_compare, seed_list
 
     with user_errors():
         cfgs = demo_configs(set_ or [])
         before = _finished_runs(out)
-        result = run_compare(cfgs, out, resume=True)
+        result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, seeds or DEMO_SEEDS))
     _say_reused(before, out)
     _print_compare(result, out)
 
@@ -181,6 +227,33 @@ def _say_reused(before: dict[Path, int], out: Path) -> None:
             "(delete them or choose another --out to run them again)",
             highlight=False, soft_wrap=True,
         )
+
+
+@app.command()
+def reproduce(
+    paper: Annotated[str, typer.Argument(help="feddpa or tripleplay")],
+    budget: Annotated[str, typer.Option("--budget", help="quick (~15 min, 2 CPU cores), standard (~2 h), paper (GPU)")] = "quick",
+    out: Annotated[Path | None, typer.Option("--out", help="output directory")] = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="number of seeds (default: the budget's)")] = None,
+) -> None:
+    """Run a paper's protocol at a budget and judge each claim: writes claims.json + report.html."""
+    from rich.markup import escape
+
+    from fedblend.reproduce import claim_cells
+    from fedblend.reproduce import reproduce as run_reproduce
+
+    out_dir = out or Path("runs") / f"reproduce-{paper}-{budget}"
+    with user_errors():
+        doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)),
+                            n_seeds=seeds)
+    t = Table(title=f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)")
+    for col in ("claim", "measured", "a - b", "verdict"):
+        t.add_column(col)
+    for c in doc["claims"]:
+        t.add_row(escape(c["claim"]), *(escape(x) for x in claim_cells(c)))
+    console.print(t)
+    console.print(f"± = half-width of the 95% interval; details in {out_dir}/claims.json and {out_dir}/report.html")
 
 
 def _register_subcommands() -> None:

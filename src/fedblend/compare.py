@@ -14,6 +14,8 @@ from fedblend.experiment import run_experiment
 from fedblend.reports.rundir import RunDir, atomic_write
 
 SHARED_FLAN8 = Path("../shared/data/flan8")
+DEMO_METHODS = ("local", "fedit", "feddpa_f")
+DEMO_SEEDS = 2
 
 
 def _row(label: str, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -51,21 +53,85 @@ def label_for(cfg: ExperimentConfig, taken: set[str]) -> str:
     return label
 
 
-def run_compare(configs: list[ExperimentConfig], out: Path, resume: bool = False) -> dict[str, Any]:
-    """Run each config into ``out/<label>`` and write ``out/compare.json`` and ``report.html``."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows, taken = [], set()
-    for cfg in configs:
-        label = label_for(cfg, taken)
-        taken.add(label)
-        run_dir = out / label
+def seed_list(base: int, n: int) -> list[int]:
+    """The seeds of an ``n``-seed run: ``base, base+1, ...`` (the same for every method)."""
+    return [base + i for i in range(n)]
+
+
+def run_seeds(
+    cfg: ExperimentConfig, out: Path, seeds: list[int] | None, resume: bool = False
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Run ``cfg`` into ``out`` (no seeds) or once per seed into ``out/seed_<s>``; every random
+    choice (federation subsample, initialisation, data order) follows ``cfg.seed``."""
+    done = []
+    for s in seeds if seeds is not None else [None]:
+        run_dir = out if s is None else out / f"seed_{s}"
+        c = cfg if s is None else cfg.model_copy(update={"seed": s})
         rd = RunDir(run_dir)
         if rd.complete and resume:
             summary = rd.summary()
         else:
-            summary = run_experiment(cfg, run_dir, resume=resume and (run_dir / "checkpoint").exists())
-        rows.append(_row(label, summary, run_dir))
-    result = {"runs": rows, "seed": configs[0].seed if configs else None}
+            summary = run_experiment(c, run_dir, resume=resume and (run_dir / "checkpoint").exists())
+        done.append((run_dir, summary))
+    return done
+
+
+def _mean_row(label: str, runs: list[tuple[Path, dict[str, Any]]], out: Path) -> dict[str, Any]:
+    """One table row per method: the point values are means over its seeds."""
+    rows = [_row(label, s, d) for d, s in runs]
+    row = dict(rows[0])
+    for k in ("P", "TTP", "bytes_up", "bytes_down", "wall_s", "train_s", "eval_s"):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if vals and k in row:
+            row[k] = sum(vals) / len(vals)
+    if "accuracy" in row:
+        row["accuracy"] = {
+            k: (sum(r["accuracy"][k] for r in rows) / len(rows)
+                if all(r["accuracy"].get(k) is not None for r in rows) else None)
+            for k in row["accuracy"]
+        }
+    if len(runs) > 1 or runs[0][0] != out:
+        row["run_dir"] = str(out)
+        row["seeds"] = [s["seed"] for _, s in runs]
+        row["run_dirs"] = [str(d) for d, _ in runs]
+    return row
+
+
+def interval_stats(runs: dict[str, list[tuple[Path, dict[str, Any]]]]) -> dict[str, Any]:
+    """compare.json's ``stats``: intervals per method and metric, paired differences per pair."""
+    from fedblend.errors import FedblendError
+    from fedblend.evidence import compare_stats, run_strata
+
+    try:
+        strata = {label: [run_strata(d) for d, _ in rs] for label, rs in runs.items()}
+    except FedblendError as e:
+        return {"error": str(e)}
+    return compare_stats(strata)
+
+
+def run_compare(
+    configs: list[ExperimentConfig], out: Path, resume: bool = False, seeds: list[int] | None = None,
+    flat: bool = False, labels: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run each config into ``out/<label>`` (or ``out/<label>/seed_<s>`` per seed) and write
+    ``out/compare.json`` and ``report.html``, with bootstrap intervals over seeds and test
+    instances and paired differences between methods. ``flat`` (one config): its seed
+    directories go straight under ``out`` (``fedblend run --seeds``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, taken = [], set()
+    runs: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for i, cfg in enumerate(configs):
+        label = labels[i] if labels else label_for(cfg, taken)
+        taken.add(label)
+        base = out if flat and len(configs) == 1 and seeds is not None else out / label
+        runs[label] = run_seeds(cfg, base, seeds, resume)
+        rows.append(_mean_row(label, runs[label], base))
+    result = {
+        "runs": rows,
+        "seed": configs[0].seed if configs else None,
+        "seeds": seeds or ([configs[0].seed] if configs else []),
+        "stats": interval_stats(runs),
+    }
     import json
 
     atomic_write(out / "compare.json", json.dumps(result, indent=2))
@@ -73,26 +139,45 @@ def run_compare(configs: list[ExperimentConfig], out: Path, resume: bool = False
     return result
 
 
+def _err(st: dict[str, Any] | None, key: str) -> list[float]:
+    """Asymmetric error bar [below, above] around the mean from a stats cell."""
+    c = (st or {}).get(key)
+    return [c["mean"] - c["lo"], c["hi"] - c["mean"]] if c else [0.0, 0.0]
+
+
+def interval_note(result: dict[str, Any]) -> str:
+    n = len(result.get("seeds") or [])
+    src = ("test instances only (1 seed)" if n <= 1
+           else f"{n} seeds (resampled), then test instances within each seed")
+    return f"± = half-width of the 95% bootstrap interval over {src}"
+
+
 def write_compare_report(out: Path, result: dict[str, Any]) -> Path:
     from fedblend.reports.html import _img, _page, _png, _table, plt
+    from fedblend.stats import fmt
 
     rows = result["runs"]
-    parts = []
+    stats = result.get("stats") or {}
+    per = stats.get("methods", {})
+    parts = [f"<p>seeds {result.get('seeds')}; {html.escape(interval_note(result))}</p>"]
     text_rows = [r for r in rows if "P" in r]
     if text_rows:
         parts.append("<h2>P and TTP</h2>" + _table(
             ["method", "metric", "mean P", "mean TTP", "bytes up", "bytes down", "wall s"],
-            [[r["label"], r["metric"], r["P"], r["TTP"], r["bytes_up"], r["bytes_down"], r["wall_s"]]
-             for r in text_rows],
+            [[r["label"], r["metric"], fmt(per.get(r["label"], {}).get("P")) if per else r["P"],
+              fmt(per.get(r["label"], {}).get("TTP")) if per else r["TTP"],
+              r["bytes_up"], r["bytes_down"], r["wall_s"]] for r in text_rows],
         ))
         fig, ax = plt.subplots(figsize=(6.5, 3.4))
         x = range(len(text_rows))
-        ax.bar([i - 0.2 for i in x], [r["P"] for r in text_rows], width=0.4, label="mean P")
-        ax.bar([i + 0.2 for i in x], [r["TTP"] for r in text_rows], width=0.4, label="mean TTP")
+        for off, key, name in ((-0.2, "P", "mean P"), (0.2, "TTP", "mean TTP")):
+            errs = [_err(per.get(r["label"]), key) for r in text_rows]
+            ax.bar([i + off for i in x], [r[key] for r in text_rows], width=0.4, label=name,
+                   yerr=[[e[0] for e in errs], [e[1] for e in errs]], capsize=3)
         ax.set_xticks(list(x), [r["label"] for r in text_rows], rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(text_rows[0]["metric"])
         ax.legend()
-        parts.append(_img("mean P and TTP per method", _png(fig)))
+        parts.append(_img("mean P and TTP per method (error bars: 95% interval)", _png(fig)))
     acc_rows = [r for r in rows if "accuracy" in r]
     if acc_rows:
         keys = list(acc_rows[0]["accuracy"])
@@ -101,9 +186,33 @@ def write_compare_report(out: Path, result: dict[str, Any]) -> Path:
             [[r["label"], *[r["accuracy"].get(k) if r["accuracy"].get(k) is not None else "n/a" for k in keys],
               r["bytes_up"], r["wall_s"]] for r in acc_rows],
         ))
+        if per:
+            mets = ["accuracy", "tail accuracy"]
+            parts.append(_table(["method", *[f"{m} (95% interval)" for m in mets]],
+                                [[r["label"], *[fmt(per.get(r["label"], {}).get(m)) for m in mets]]
+                                 for r in acc_rows]))
+            fig, ax = plt.subplots(figsize=(6.5, 3.4))
+            x = range(len(acc_rows))
+            for off, key in ((-0.2, "accuracy"), (0.2, "tail accuracy")):
+                cells = [per.get(r["label"], {}).get(key) for r in acc_rows]
+                errs = [_err(per.get(r["label"]), key) for r in acc_rows]
+                ax.bar([i + off for i in x], [c["mean"] if c else 0.0 for c in cells], width=0.4,
+                       label=key, yerr=[[e[0] for e in errs], [e[1] for e in errs]], capsize=3)
+            ax.set_xticks(list(x), [r["label"] for r in acc_rows], rotation=20, ha="right", fontsize=7)
+            ax.legend()
+            parts.append(_img("accuracy per method (error bars: 95% interval)", _png(fig)))
+    if stats.get("pairs"):
+        parts.append("<h2>Paired differences (a - b)</h2>" + _table(
+            ["a", "b", "metric", "difference (95% interval)", "significant"],
+            [[p["a"], p["b"], p["metric"], fmt(p["diff"]), "yes" if p["diff"]["significant"] else "no"]
+             for p in stats["pairs"]],
+        ))
+    if stats.get("error"):
+        parts.append(f"<p>no intervals: {html.escape(stats['error'])}</p>")
     links = "".join(
-        f'<li><a href="{html.escape(Path(r["run_dir"]).name)}/report.html">{html.escape(r["label"])}</a></li>'
-        for r in rows
+        f'<li><a href="{html.escape(Path(d).relative_to(out).as_posix())}/report.html">'
+        f'{html.escape(r["label"])}{" seed " + d.rsplit("_", 1)[-1] if "run_dirs" in r else ""}</a></li>'
+        for r in rows for d in r.get("run_dirs", [r["run_dir"]])
     )
     parts.append(f"<h2>Runs</h2><ul>{links}</ul>")
     path = out / "report.html"
@@ -112,8 +221,8 @@ def write_compare_report(out: Path, result: dict[str, Any]) -> Path:
 
 
 def demo_configs(overrides: list[str]) -> list[ExperimentConfig]:
-    """The embedded default: ``local`` vs ``fedit`` on a small flan8 federation with SmolLM2
-    (or the built-in synthetic tasks when ``../shared/data/flan8`` is absent)."""
+    """The embedded default: ``local`` vs ``fedit`` vs ``feddpa_f`` on a small flan8 federation
+    with SmolLM2 (or the built-in synthetic tasks when ``../shared/data/flan8`` is absent)."""
     text = importlib.resources.files("fedblend.resources").joinpath("demo.toml").read_text()
     raw = tomllib.loads(text)
     if not SHARED_FLAN8.is_dir():
@@ -121,7 +230,7 @@ def demo_configs(overrides: list[str]) -> list[ExperimentConfig]:
                        "synthetic_test_per_task": 8}
     return [
         config_from_dict({**raw, "algorithm": algo, "name": f"demo-{algo}"}, overrides, source="demo")
-        for algo in ("local", "fedit")
+        for algo in DEMO_METHODS
     ]
 
 

