@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def main() -> None:
     common = [f"vision.dir='{DATA}'", f"vision.cache_dir='{cache}'", "vision.imbalance_factor=1",
               f"vision.n_max={args.n_max}", f"vision.test_per_class={args.test_per_class}",
               "engine.progress=false", "engine.threads=1", "engine.checkpoint_every=0", *args.set]
-    t_all = time.perf_counter()
+    t_all, load = time.perf_counter(), os.getloadavg()
     rows, ref, first = [], None, None
     wanted = args.runs.split(",")
     for label, (file, extra) in RUNS.items():
@@ -103,11 +104,12 @@ def main() -> None:
          f"{args.n_max} train images per class ({10 * args.n_max} in all), "
          f"{args.test_per_class * 10} global test images, seed 0"),
         "",
-        (f"Shipped fedclip config: adapter {v.adapter}, head {v.head}, feature_norm {v.feature_norm}, "
-         f"balanced_loss {v.balanced_loss}, lr {tr.lr}, batch {tr.batch_size}, {tr.rounds} rounds x "
-         f"{tr.local_epochs} local epochs. Timings on a shared 2-core CPU under heavy load from other jobs "
-         "(load average 15-30 while this ran): read them as upper bounds. 'tail' = the 3 classes with the "
-         "fewest training images (all equal here, so classes 7-9)."),
+        (f"Shipped fedclip config: adapter {v.adapter}, head {v.head} (train_head {v.train_head}), "
+         f"feature_norm {v.feature_norm}, balanced_loss {v.balanced_loss}, lr {tr.lr}, batch "
+         f"{tr.batch_size}, {tr.rounds} rounds x {tr.local_epochs} local epochs, server_momentum "
+         f"{tr.server_momentum}. Timings on a shared 2-core CPU loaded by other jobs (1-minute load "
+         f"average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end): read them as upper "
+         "bounds. 'tail' = the 3 classes with the fewest training images (all equal here, so classes 7-9)."),
         "",
         "| method | algorithm | overall acc | tail acc | own-split acc | ratio to linear probe | s/round | bytes/round |",
         "|---|---|---|---|---|---|---|---|",

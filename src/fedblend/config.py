@@ -111,6 +111,12 @@ class TrainConfig(_Section):
     )
     # FedProx
     prox_mu: float = Field(0.0, ge=0)
+    # server optimizer on the averaged update (FedAvgM, Hsu et al. 2019); the vision adapter
+    # algorithms (fedclip, fedavg_adapter, fedprox, tripleplay, linear_probe) apply it
+    server_lr: float = Field(1.0, gt=0, le=10, description="server step on the averaged client delta")
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="FedAvgM server momentum on the averaged delta; 0 = plain FedAvg"
+    )
 
 
 class EvalConfig(_Section):
@@ -159,6 +165,10 @@ class VisionConfig(_Section):
     )
     lora: bool = Field(False, description="LoRA in the backbone attention (QLoRA when nf4)")
     personal: bool = Field(False, description="also keep a private local adapter (FedDPA-style)")
+    train_head: bool = Field(
+        True, description="false: the head (prototypes / linear) stays at its shared seeded init and "
+        "only the adapter trains (FedBABU-style)",
+    )
     # long tail
     balanced_loss: bool = Field(False, description="balanced-softmax loss from client class counts")
     gan: bool = Field(False, description="conditional feature GAN for rare/missing classes")

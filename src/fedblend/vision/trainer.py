@@ -24,6 +24,7 @@ from fedblend.vision.images import ImageExample, pixels
 
 Tensors = dict[str, torch.Tensor]
 LORA = "lora."
+HEAD_PARAMS = ("prototypes", "linear.")  # frozen at their shared seeded init when not train_head
 
 
 @dataclass
@@ -106,6 +107,8 @@ class VisionTrainer:
         self._lora_params: dict[str, torch.nn.Parameter] = {}
         if v.lora:
             self._inject_lora()
+        if not v.train_head and v.adapter == "none" and not v.lora:
+            raise ConfigError("vision.train_head: false with adapter = 'none' leaves nothing to train")
         self.adapters = RoleStore(self)
 
     # ---- LoRA in the backbone's attention projections (QLoRA when the backbone is NF4) ---------
@@ -188,7 +191,8 @@ class VisionTrainer:
             # first time this role trains here: measure the statistics on the real features;
             # FedAvg (example-weighted) then turns the clients' into the pooled statistics
             model.set_stats(self.all_features(shard, tensors))
-        params = [p for p in model.trainable().values() if p.requires_grad]
+        params = [p for n, p in model.trainable().items()
+                  if p.requires_grad and (self.v.train_head or not n.startswith(HEAD_PARAMS))]
         if self._lora_params:
             self._load_lora(tensors)
             params += list(self._lora_params.values())
