@@ -37,6 +37,6 @@ def test_failed_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
     # a config the nodes cannot build: the ServerApp fails, `flwr run` still exits 0
     with pytest.raises(Exception, match="failed|not finished"):
         deploy_local(TINY, 1, [*TINY_OVERRIDES, "lora.target_modules=['nope']"],
-                     tmp_path / "bad", work=tmp_path / "work", timeout=240)
+                     tmp_path / "bad", work=tmp_path / "work", timeout=480)
     assert LocalDeployment(1, tmp_path / "work").processes() == []
     assert json.loads((tmp_path / "bad" / "status.json").read_text())["status"] == "failed"
