@@ -72,3 +72,20 @@ def test_error_and_missing_replies_are_dropped_and_the_rest_aggregated(tmp_path:
     # evaluation still needs every client: a missing reply there fails the run
     with pytest.raises(FedblendError, match="client 2 .*timeout after 3600 s"):
         clients.evaluate(algorithm.final_payload(loop.server_state))
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_a_round_in_which_every_client_errors_fails_the_run(tmp_path: Path) -> None:
+    # a broken config or code fails on every node alike: that is an error, not a dropout
+    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=1", "train.rounds=3",
+                             "engine.checkpoint_every=0"])
+    run = RunDir(tmp_path / "run")
+    run.start(cfg.to_dict(), resume=False)
+    (run.path / "flower").mkdir()
+    algorithm, grid, transport = make_algorithm(cfg), ScriptedGrid(), Transport()
+    clients = FlowerClients(grid, cfg, algorithm, transport, run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
+                            nodes={1: 101})  # node 101 always answers with an error
+    with pytest.raises(FedblendError, match=r"client 1 \(train, round 0\): error: ClientApp raised"):
+        run_round_loop(algorithm, [1], cfg, run, transport, {"global": {"w": torch.zeros(2, 2)}},
+                       clients.train_round)
+    assert len(grid.timeouts) == 1  # failed in the first round, not after all three

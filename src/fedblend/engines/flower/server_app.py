@@ -185,6 +185,10 @@ class FlowerClients:
                 for cid, p in payloads.items()}
         replies, dropped = self._send(MessageType.TRAIN, str(rnd), sent,
                                       timeout=self.cfg.engine.round_timeout or None, tolerate=True)
+        if payloads and len(dropped) == len(payloads) and all(w.startswith("error") for w in dropped.values()):
+            # every client failed the same step: a broken config or code, not a dropout; waiting
+            # for more rounds would only repeat it
+            raise FedblendError("; ".join(f"client {c} (train, round {rnd}): {w}" for c, w in sorted(dropped.items())))
         faults.maybe_kill_server(rnd)  # test-only; no-op unless its env var is set
         updates = {}
         for cid, r in replies.items():
