@@ -52,13 +52,21 @@ def prepare_torch(cfg: ExperimentConfig) -> float:
     return time.perf_counter()
 
 
+def resume_checkpoint(run: RunDir, transport: Transport, client_ids: Sequence[int]
+                      ) -> tuple[State, dict[int, State], dict[str, Any]]:
+    """The last checkpoint's server state, the states of ``client_ids`` (those the engine
+    holds) and counters; ``transport``'s byte counters continue from the checkpoint's."""
+    server_state, client_states, counters = run.load_checkpoint(list(client_ids))
+    transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+    return server_state, client_states, counters
+
+
 def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
     """Fresh server and client states, or those of the last checkpoint when resuming, with a
     transport whose byte counters continue from the checkpoint."""
     transport = Transport(tap=tap)
     if start_round > 0:
-        server_state, client_states, counters = run.load_checkpoint(client_ids)
-        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+        server_state, client_states, counters = resume_checkpoint(run, transport, client_ids)
     else:
         counters = {"train_s": 0.0}
         server_state = algorithm.init_server_state(trainer)

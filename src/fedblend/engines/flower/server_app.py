@@ -217,7 +217,7 @@ class FlowerClients:
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int,
           start_round: int = 0) -> dict[str, Any]:
-    from fedblend.runner import complete_run
+    from fedblend.runner import complete_run, resume_checkpoint
 
     t0 = time.perf_counter()
     if cfg.engine.threads:
@@ -232,8 +232,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     # resume: the server state of the last checkpoint (client states stay on the nodes, which
     # keep per-round snapshots and train the re-sent round from the matching one)
     if start_round:
-        server_state, _, counters = run.load_checkpoint([])
-        transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+        server_state, _, counters = resume_checkpoint(run, transport, [])  # clients: on the nodes
     else:
         server_state, counters = None, {"train_s": 0.0}  # initialised once the trainer is loaded
     counters.setdefault("flower_run_key", str(run_id))  # saved with every checkpoint
