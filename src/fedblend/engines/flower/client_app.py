@@ -81,8 +81,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     node.timings["eval_s"] = time.perf_counter() - t
     exports = {}
     for role, tensors in node.algorithm.eval_adapters(final, state).items():
-        # the server exports the global adapter from the final payload
-        if role != "global" and node.modality.export_local:
+        # the server exports the global adapter from the final payload where it travels in
+        # one piece; where it is built from private state (FFA-LoRA's A), the node exports it
+        from_server = role == "global" and "global" in final.tensors
+        if not from_server and node.modality.export_local:
             path = node.run_dir / "adapters" / role / f"client_{cid}"
             trainer.adapters.export(role, tensors, path)
             exports[role] = str(path)
