@@ -24,11 +24,11 @@ def test_plain_round_lines_when_stdout_is_not_a_terminal(tmp_path: Path):
     res = CliRunner().invoke(app, ["run", TINY, "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    rounds = [ln for ln in lines if ln.startswith("[tiny-fedit] round ")]
-    assert [ln.split(":")[0] for ln in rounds] == ["[tiny-fedit] round 1/2", "[tiny-fedit] round 2/2"]
+    rounds = [ln for ln in lines if ln.startswith("[tiny-fedit seed 7] round ")]
+    assert [ln.split(":")[0] for ln in rounds] == ["[tiny-fedit seed 7] round 1/2", "[tiny-fedit seed 7] round 2/2"]
     logged = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[1] == f"[tiny-fedit] round 2/2: loss {logged[1]['loss']:.3f}, {logged[1]['seconds']:.1f} s"
-    assert any(ln.startswith("[tiny-fedit] evaluate: 36 test instances on 3 clients") for ln in lines)
+    assert rounds[1] == f"[tiny-fedit seed 7] round 2/2: loss {logged[1]['loss']:.3f}, {logged[1]['seconds']:.1f} s"
+    assert any(ln.startswith("[tiny-fedit seed 7] evaluate: 36 test instances on 3 clients") for ln in lines)
     assert "━" not in res.output.split("┏")[0]  # no rich bar drawn into the log before the table
 
 

@@ -2,7 +2,7 @@
 
 Rich progress bars draw nothing useful into a file, so a long run sent to a log printed
 nothing until its table. When ``engine.progress`` is on and stdout is not a terminal, the
-round loop prints one line per round instead (``[name] round 2/5: loss 1.234, 12.3 s``) and the run
+round loop prints one line per round instead (``[name seed 42] round 2/5: loss 1.234, 12.3 s``) and the run
 says when it starts evaluating.
 """
 
@@ -20,6 +20,11 @@ def plain(enabled: bool) -> bool:
 def say(enabled: bool, line: str) -> None:
     if plain(enabled):
         print(line, flush=True)
+
+
+def label(name: str, seed: int) -> str:
+    """``name seed 42``: the seeds of one method (``--seeds N``) run under one name."""
+    return f"{name} seed {seed}"
 
 
 def round_line(name: str, record: dict[str, Any], total: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from fedblend.algorithms.base import Algorithm, State
 from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig
-from fedblend.plain_progress import round_line, say
+from fedblend.plain_progress import label, round_line, say
 from fedblend.reports.rundir import RunDir
 from fedblend.trust import round_record, screen_updates, skip_reason
 
@@ -152,7 +152,7 @@ def run_round_loop(
             **trust,
         }
         run.log_round(record)
-        say(cfg.engine.progress, round_line(cfg.name, record, cfg.train.rounds))
+        say(cfg.engine.progress, round_line(label(cfg.name, cfg.seed), record, cfg.train.rounds))
         every = cfg.engine.checkpoint_every
         if every and ((rnd + 1) % every == 0 or rnd + 1 == cfg.train.rounds):
             counters.update(bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)

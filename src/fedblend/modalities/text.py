@@ -11,7 +11,7 @@ from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.comm.codec import Message
 from fedblend.eval.protocol import ClientEval, evaluate_client, evaluate_text, summarize
 from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
-from fedblend.plain_progress import say
+from fedblend.plain_progress import label, say
 from fedblend.reports.rundir import RunDir
 from fedblend.trust import last_privacy
 
@@ -56,7 +56,7 @@ class TextModality(Modality):
                  contexts: dict[int, ClientContext], progress: Any) -> Evaluation:
         n_eval = sum(len(v) for v in fed.test_by_task.values()) * (len(fed.clients) if self.cfg.eval.ttp else 1)
         say(self.cfg.engine.progress,
-            f"[{self.cfg.name}] evaluate: {n_eval} test instances on {len(fed.clients)} clients")
+            f"[{label(self.cfg.name, self.cfg.seed)}] evaluate: {n_eval} test instances on {len(fed.clients)} clients")
         etask = progress.add_task("evaluate", total=n_eval) if progress else None
         results = evaluate_text(
             algorithm, trainer, fed, finals, states, contexts, self.cfg.eval.ttp,
