@@ -69,8 +69,9 @@ class DualLoRA:
 
     # ---- adapter tensors -------------------------------------------------------------
     def get(self, role: str) -> Tensors:
-        """A detached copy of the role's adapter tensors (PEFT key names)."""
-        return {k: p.detach().clone() for k, p in self.params[role].items()}
+        """A detached CPU copy of the role's adapter tensors (PEFT key names): what messages,
+        aggregation and checkpoints hold, wherever the model computes."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params[role].items()}
 
     def set(self, role: str, tensors: Mapping[str, torch.Tensor]) -> None:
         own = self.params[role]
