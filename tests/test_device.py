@@ -10,7 +10,7 @@ from fedblend.backbones.text import backbone_bytes, load_text_backbone
 from fedblend.config import config_from_dict, load_config
 from fedblend.data.federation import build_federation
 from fedblend.device import cuda_count
-from fedblend.errors import ConfigError
+from fedblend.errors import ConfigError, FedblendError
 from fedblend.trainers.text import TextTrainer
 
 NO_CUDA = cuda_count() == 0
@@ -129,3 +129,32 @@ def test_nf4_feddpa_run_writes_backbone_bytes_and_system(tmp_path):
     assert sysb["torch_threads"] >= 1
     assert sysb["versions"]["bitsandbytes"] and sysb["versions"]["torch"] == torch.__version__
     assert set(s["clients"]) == {"0", "1", "2"}
+
+
+def test_deploy_gpus_pins_each_supernode_round_robin():
+    from fedblend.deploy.gpus import check_gpus, gpu_env, parse_gpus
+
+    assert parse_gpus("0, 2") == [0, 2]
+    assert [gpu_env([0, 2], i) for i in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "0"}]
+    assert gpu_env([], 1) == {}
+    check_gpus([0, 1], available=2)
+    with pytest.raises(FedblendError, match="--gpus: GPU 2 does not exist; this machine has 2"):
+        check_gpus([0, 2], available=2)
+    with pytest.raises(FedblendError, match="--gpus: expected GPU indices"):
+        parse_gpus("0,x")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the message on a machine without GPUs")
+def test_deploy_gpus_without_a_gpu_fails_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedblend.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["deploy", "local", str(ROOT / "configs" / "tiny" / "feddpa_t.toml"),
+                                 "--gpus", "0,1", "--out", str(out)])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--gpus: torch sees no CUDA device" in lines[0]
+    assert not out.exists() and not (tmp_path / ".run.deploy").exists()
