@@ -158,3 +158,19 @@ def test_deploy_gpus_without_a_gpu_fails_before_starting_anything(tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--gpus: torch sees no CUDA device" in lines[0]
     assert not out.exists() and not (tmp_path / ".run.deploy").exists()
+
+
+def test_vision_backbone_honours_model_dtype(tmp_path):
+    from fedblend.vision.backbones import build_tiny_clip, load_backbone, on_device
+
+    cfg = config_from_dict({"algorithm": "fedclip", "model": {"device": "cpu", "dtype": "bfloat16"},
+                            "vision": {"backbone": "tiny_clip", "image_size": 32, "dataset": "synthetic",
+                                       "path": str(build_tiny_clip(tmp_path / "clip", 0, 32))}})
+    names = ["red", "green"]
+    fp32 = load_backbone(cfg.vision, names, 0)
+    bf16 = on_device(load_backbone(cfg.vision, names, 0), cfg.model.device, cfg.model.dtype)
+    assert bf16.fingerprint != fp32.fingerprint  # bfloat16 features are cached apart
+    px = torch.rand(4, 3, 32, 32)
+    a, b = fp32.encode(px), bf16.encode(px)
+    assert b.dtype == torch.float32 and b.device.type == "cpu" and not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
