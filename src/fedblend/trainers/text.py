@@ -17,7 +17,7 @@ from fedblend.adapters.lora import DualLoRA, Weight
 from fedblend.backbones.text import format_prompt
 from fedblend.config import ExperimentConfig
 from fedblend.data.sources import Example
-from fedblend.device import autocast, resolve_device
+from fedblend.device import autocast
 
 ProgressFn = Callable[[int], None]
 
@@ -28,7 +28,7 @@ class TextTrainer:
         self.tok = tokenizer
         self.adapters = DualLoRA(backbone, cfg.lora)
         self.model = self.adapters.model
-        self.device = resolve_device(cfg.model.device)
+        self.device = next(backbone.parameters()).device  # where load_text_backbone put it
         self._cache: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
