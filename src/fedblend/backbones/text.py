@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from fedblend.config import ModelConfig
+from fedblend.device import compute_dtype, resolve_device, torch_dtype
 from fedblend.errors import ConfigError
+from fedblend.vision.quant import quant_state_bytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -115,21 +117,65 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
+def _bnb_config(cfg: ModelConfig):
+    """transformers' BitsAndBytesConfig for ``model.quantization`` (None for ``none``)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: {cfg.quantization!r} needs bitsandbytes: "
+                          "pip install 'bitsandbytes>=0.49'")
+    # bitsandbytes' CPU (de)quantization is wrapped in torch.compile, which recompiles for
+    # every weight shape; eager mode is as fast here (see fedblend.vision.quant)
+    torch._dynamo.config.disable = True
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+    )
+
+
+def _from_pretrained(path: Path, cfg: ModelConfig, device: torch.device):
+    """A causal LM from a local directory, on ``device``, quantized as ``cfg`` says."""
+    from transformers import AutoModelForCausalLM
+
+    quant = _bnb_config(cfg)
+    dtype = torch_dtype(cfg.dtype)
+    if quant is None:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        return model.to(device)
+    return AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype, quantization_config=quant,
+        device_map={"": str(device)},
+    )
+
+
 def load_text_backbone(cfg: ModelConfig, seed: int = 0):
-    """Return ``(model, tokenizer)``: a frozen causal LM in eval mode and its tokenizer."""
+    """Return ``(model, tokenizer)``: a frozen causal LM in eval mode on ``model.device``, its
+    weights in ``model.dtype`` or quantized (``model.quantization``), and its tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = resolve_device(cfg.device)
     if cfg.source == "tiny":
         model, tok = _tiny(cfg, seed)
+        if cfg.quantization == "none":
+            model = model.to(device, dtype=torch_dtype(cfg.dtype))
+        else:  # bitsandbytes quantizes while loading: round-trip the random weights via disk
+            with tempfile.TemporaryDirectory(prefix="fedblend-tiny-") as tmp:
+                model.save_pretrained(tmp)
+                model = _from_pretrained(Path(tmp), cfg, device)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = smollm2_checkpoint() if cfg.source == "smollm2" else Path(cfg.path).expanduser()
         if not path.is_dir():
             raise ConfigError(f"model.path: directory not found: {cfg.path}")
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32
-            )
+            model = _from_pretrained(path, cfg, device)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.path: cannot load a causal LM from {path}: {e}") from None
     if tok.pad_token is None:
@@ -137,3 +183,23 @@ def load_text_backbone(cfg: ModelConfig, seed: int = 0):
     model.requires_grad_(False)
     model.eval()
     return model, tok
+
+
+def backbone_bytes(model: torch.nn.Module) -> int:
+    """Bytes the frozen backbone's parameters and buffers occupy as stored: quantized weights at
+    their packed size plus their quantization state (NF4 block scales, int8 row scales). LoRA
+    adapter tensors (PEFT's ``lora_*`` names) are not counted; tied weights count once."""
+    seen: set[int] = set()
+    total = 0
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if "lora_" in name or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        total += quant_state_bytes(getattr(t, "quant_state", None))
+        scb = getattr(t, "SCB", None)  # LLM.int8 per-row scales
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total

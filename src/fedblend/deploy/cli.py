@@ -21,6 +21,8 @@ def local(
     timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for the run")] = 3600,
     resume: Annotated[bool, typer.Option("--resume", help="continue the unfinished run in --out "
                                          "from its last checkpoint")] = False,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="GPU indices, e.g. 0,1: SuperNode i "
+                                             "sees only GPU i mod len (CUDA_VISIBLE_DEVICES)")] = None,
 ) -> None:
     """Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG, collect the run directory,
     stop every process (also on failure or Ctrl-C)."""
@@ -29,10 +31,16 @@ def local(
     from fedblend.deploy.local import deploy_local
 
     with user_errors():
+        gpu_list = None
+        if gpus is not None:
+            from fedblend.deploy.gpus import check_gpus, parse_gpus
+
+            gpu_list = parse_gpus(gpus)
+            check_gpus(gpu_list)
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
         summary, dep = deploy_local(config, nodes, set_ or [], out_dir, tls=tls or auth, auth=auth,
-                                    timeout=timeout, resume=resume)
+                                    timeout=timeout, resume=resume, gpus=gpu_list)
     print_summary(summary, out_dir)
     typer.echo(f"node state and local adapters: {dep.work / 'nodes'}")
 

@@ -25,6 +25,7 @@ from typing import Any, Self
 import psutil
 
 from fedblend.deploy.certs import DevCerts
+from fedblend.deploy.gpus import check_gpus, gpu_env
 from fedblend.errors import FedblendError
 
 CONNECTION = "fedblend-local"
@@ -83,6 +84,7 @@ class LocalDeployment:
     work: Path
     certs: DevCerts | None = None  # TLS when set
     auth: bool = False  # SuperNode authentication (needs certs for the node keys)
+    gpus: list[int] = field(default_factory=list)  # node i sees GPU gpus[i % len] (empty: all)
     cwd: Path = field(default_factory=Path.cwd)
     daemons: list[Daemon] = field(default_factory=list)
     port: int = 0
@@ -189,7 +191,7 @@ class LocalDeployment:
         if self.auth and self.certs is not None:
             argv += ["--auth-supernode-private-key", str(self.certs.node_key(i))]
         threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(self.node_threads())}
-        return self._spawn(f"supernode_{i}", argv, threads)
+        return self._spawn(f"supernode_{i}", argv, {**threads, **gpu_env(self.gpus, i)})
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop everything this deployment started: each daemon's process group, then any
@@ -288,12 +290,14 @@ def app_dir() -> Path:
 def deploy_local(
     config: Path, nodes: int, overrides: list[str], out: Path, work: Path | None = None,
     tls: bool = False, auth: bool = False, timeout: float = 3600, resume: bool = False,
+    gpus: list[int] | None = None,
 ) -> tuple[dict[str, Any], LocalDeployment]:
     """Start a loopback deployment, run ``config`` on it, stop it; return the summary.
 
     The run directory ``out`` is written by the ServerApp (server side); each node's private
     state and local adapters stay under ``<work>/nodes/node_<i>/``. ``resume`` continues the
     unfinished run in ``out`` from its last checkpoint (the same ``work``: the nodes' state).
+    ``gpus`` pins SuperNode i to GPU ``gpus[i % len(gpus)]``.
     """
     from fedblend.deploy.certs import make_certs
     from fedblend.reports.rundir import RunDir
@@ -301,9 +305,11 @@ def deploy_local(
     out = Path(out).resolve()
     if resume and not (out / "checkpoint" / "state.json").is_file():
         raise FedblendError(f"{out}: no checkpoint to resume from")  # before starting any daemon
+    if gpus:
+        check_gpus(gpus)
     work = Path(work or out.parent / f".{out.name}.deploy").resolve()
     certs = make_certs(work / "certs", nodes=nodes) if (tls or auth) else None
-    dep = LocalDeployment(nodes, work, certs=certs, auth=auth)
+    dep = LocalDeployment(nodes, work, certs=certs, auth=auth, gpus=list(gpus or []))
     with dep:
         run_id = dep.submit(app_dir(), {
             "config": str(Path(config).resolve()),

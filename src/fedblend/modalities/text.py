@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.backbones.text import backbone_bytes
 from fedblend.comm.codec import Message
 from fedblend.eval.protocol import ClientEval, evaluate_client, evaluate_text, summarize
 from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
@@ -131,7 +132,7 @@ def build_summary(
             "per_round_s": [r["seconds"] for r in run.rounds()],
             "eval_s_per_instance": times["eval_s"] / n_eval,
         },
-        "memory": {"peak_rss_mb": peak_rss_mb()},
+        "memory": {"peak_rss_mb": peak_rss_mb(), "backbone_bytes": backbone_bytes(trainer.model)},
         "data": data,
         "adapters": exported,
         "instance_weights": _weight_stats(results) if weights else None,

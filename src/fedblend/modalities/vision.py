@@ -100,10 +100,11 @@ class VisionModality(Modality):
         }
 
     def load_trainer(self, desc: dict[str, Any]) -> Any:
-        from fedblend.vision.backbones import load_backbone
+        from fedblend.vision.backbones import load_backbone, on_device
         from fedblend.vision.trainer import VisionTrainer
 
         backbone = load_backbone(self.cfg.vision, desc["class_names"], self.cfg.seed)
+        backbone = on_device(backbone, self.cfg.model.device, self.cfg.model.dtype)
         return VisionTrainer(self.cfg, backbone, len(desc["class_names"]))
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,

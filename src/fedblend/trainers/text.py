@@ -17,6 +17,7 @@ from fedblend.adapters.lora import DualLoRA, Weight
 from fedblend.backbones.text import format_prompt
 from fedblend.config import ExperimentConfig
 from fedblend.data.sources import Example
+from fedblend.device import autocast
 
 ProgressFn = Callable[[int], None]
 
@@ -27,6 +28,7 @@ class TextTrainer:
         self.tok = tokenizer
         self.adapters = DualLoRA(backbone, cfg.lora)
         self.model = self.adapters.model
+        self.device = next(backbone.parameters()).device  # where load_text_backbone put it
         self._cache: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -58,7 +60,11 @@ class TextTrainer:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             mask[i, : len(x)] = 1
-        return ids, labels, mask
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
+
+    def autocast(self):
+        """Autocast to ``model.dtype`` around forward passes (a no-op in float32)."""
+        return autocast(self.device, self.cfg.model.dtype)
 
     # ---- training -----------------------------------------------------------------------
     def train(
@@ -117,7 +123,8 @@ class TextTrainer:
                     micro = min(tc.micro_batch_size, tc.batch_size)
                     for s in range(0, len(batch), micro):
                         ids, labels, mask = self._collate(batch[s : s + micro])
-                        logits = self.model(input_ids=ids, attention_mask=mask).logits
+                        with self.autocast():
+                            logits = self.model(input_ids=ids, attention_mask=mask).logits
                         loss_sum = torch.nn.functional.cross_entropy(
                             logits[:, :-1].reshape(-1, logits.size(-1)),
                             labels[:, 1:].reshape(-1),
@@ -159,7 +166,7 @@ class TextTrainer:
         for i, s in enumerate(seqs):
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def _prompt_ids(self, instructions: Sequence[str]) -> list[list[int]]:
         limit = self.cfg.model.max_length
@@ -181,8 +188,8 @@ class TextTrainer:
         for s in range(0, len(order), ec.batch_size):
             idx = order[s : s + ec.batch_size]
             ids, mask = self._left_pad([prompts[i] for i in idx])
-            weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
-            with self.adapters.mixing(weights):
+            weights = self._on_device(mix, idx)
+            with self.adapters.mixing(weights), self.autocast():
                 gen = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -207,9 +214,9 @@ class TextTrainer:
         for s in range(0, len(order), self.cfg.eval.batch_size):
             idx = order[s : s + self.cfg.eval.batch_size]
             ids, mask = self._left_pad([prompts[i] for i in idx])
-            weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+            weights = self._on_device(mix, idx)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with self.adapters.mixing(weights):
+            with self.adapters.mixing(weights), self.autocast():
                 out = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
                 )
@@ -218,10 +225,14 @@ class TextTrainer:
                 rows[i] = last[j].float()
         return torch.stack(rows)
 
+    def _on_device(self, mix: Mapping[str, Weight], idx: list[int]) -> dict[str, Weight]:
+        """The batch's rows of per-instance mixing weights, on the model's device."""
+        return {r: (w[idx].to(self.device) if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+
 
 def _sq_dist(adapters: DualLoRA, roles: Sequence[str], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
     total = torch.zeros(())
     for role in roles:
         for k, p in adapters.params[role].items():
-            total = total + (p - ref[k]).pow(2).sum()
+            total = total + (p - ref[k].to(p.device)).pow(2).sum().to(total.device)
     return total

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedblend.config import VisionConfig
+from fedblend.device import autocast, resolve_device
 from fedblend.errors import ConfigError
 from fedblend.vision.quant import module_bytes, quantize_nf4
 
@@ -210,3 +211,23 @@ def load_backbone(v: VisionConfig, class_names: Sequence[str], seed: int) -> Vis
     ]).encode()).hexdigest()[:20]
     return VisionBackbone(v.backbone, enc, model, dim, fp, None, v.logit_scale or 30.0,
                           extra={"mean": mean, "std": std})
+
+
+def on_device(bb: VisionBackbone, device: str, dtype: str) -> VisionBackbone:
+    """Run the frozen backbone on ``model.device`` under ``model.dtype`` autocast. Features come
+    back as float32 CPU tensors: the cache, adapters and heads stay on the CPU (they are small);
+    backbone LoRA (injected later) lives beside its base layers on the device."""
+    dev = resolve_device(device)
+    if dev.type == "cpu" and dtype == "float32":
+        return bb
+    (bb.clip if bb.clip is not None else bb.module).to(dev)
+    inner = bb.encoder
+
+    def encode(px: torch.Tensor) -> torch.Tensor:
+        with autocast(dev, dtype):
+            return inner(px.to(dev)).float().cpu()
+
+    bb.encoder = encode
+    if dtype != "float32":  # reduced-precision features are cached apart from float32 ones
+        bb.fingerprint = hashlib.sha256(f"{bb.fingerprint}:{dtype}".encode()).hexdigest()[:20]
+    return bb

@@ -88,12 +88,12 @@ def quantize_nf4(model: nn.Module, double_quant: bool = True, min_params: int = 
     return n
 
 
-def _quant_state_bytes(qs) -> int:
+def quant_state_bytes(qs) -> int:
     if qs is None:
         return 0
     n = qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
     if getattr(qs, "nested", False) and qs.state2 is not None:
-        n += _quant_state_bytes(qs.state2) + qs.offset.numel() * qs.offset.element_size()
+        n += quant_state_bytes(qs.state2) + qs.offset.numel() * qs.offset.element_size()
     return n
 
 
@@ -106,8 +106,8 @@ def module_bytes(model: nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-        total += _quant_state_bytes(getattr(t, "quant_state", None))
+        total += quant_state_bytes(getattr(t, "quant_state", None))
     for m in model.modules():
         if isinstance(m, NF4Conv2d):
-            total += _quant_state_bytes(m.quant_state)
+            total += quant_state_bytes(m.quant_state)
     return total

@@ -222,7 +222,8 @@ class VisionTrainer:
                 loss = self._loss(model, f, y, counts)
                 if ref is not None:
                     cur = {**model.trainable(), **{LORA + k: p for k, p in self._lora_params.items()}}
-                    loss = loss + prox[0] / 2 * sum(((cur[k] - ref[k]) ** 2).sum() for k in cur if k in ref)
+                    loss = loss + prox[0] / 2 * sum(((cur[k] - ref[k].to(cur[k].device)) ** 2).sum()
+                                                   for k in cur if k in ref)
                 opt.zero_grad()
                 loss.backward()
                 if tc.max_grad_norm:
@@ -232,7 +233,7 @@ class VisionTrainer:
                 if progress:
                     progress(1)
         out = {k: p.detach().clone() for k, p in model.trainable().items()}
-        out.update({LORA + k: p.detach().clone() for k, p in self._lora_params.items()})
+        out.update({LORA + k: p.detach().to("cpu", copy=True) for k, p in self._lora_params.items()})
         self.adapters.set(role, out)
         return {"loss": sum(losses) / max(1, len(losses)), "synthetic": float(len(syn_y))}
 
