@@ -123,6 +123,14 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0)
     clients_per_round: int = Field(0, ge=0, description="0 = every client every round")
     min_clients: int = Field(1, ge=1, description="fewer valid updates than this: the round is skipped")
+    group_by_length: bool = Field(
+        True, description="sort each batch's examples by length before splitting it into micro-batches "
+        "(same gradient, less padding)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the frozen backbone's activations in the backward pass "
+        "(non-reentrant): less memory, more time"
+    )
     # FedDPA
     local_weight: float = Field(0.5, ge=0, le=1, description="FedDPA-T weight a of the local adapter")
     finetune_epochs: float = Field(0, ge=0, description="FedDPA-F local fine-tuning epochs")

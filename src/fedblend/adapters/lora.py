@@ -8,7 +8,9 @@ adapters) live side by side in every target layer. Each layer computes
 PEFT's LoRA forward multiplies each active adapter's output by ``scaling[name]``; the
 :meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` where ``w`` is a float or a
 per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and features).
-That is the whole extension: outside the context PEFT behaves as usual.
+That is the whole extension: outside the context PEFT behaves as usual. A role weighted by
+the number 0 that is not being trained is also left out of the layers' active adapters
+there, so FedIT's unused ``local`` adapter costs nothing.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class DualLoRA:
                 if tag in name:
                     self.params[role][name.replace(tag, ".")] = p
         self.set_trainable(())
+        self.skip_zero_roles = True  # see _skippable; False runs every role (benchmarks)
         self.mix_weights: dict[str, Weight] = {}
         self._apply_mix({role: 1.0 for role in self.roles})
 
@@ -123,12 +126,28 @@ class DualLoRA:
             for layer in self.layers:
                 layer.scaling[role] = scaled
         self.mix_weights = dict(weights)
+        self._set_active([r for r in self.roles if not self._skippable(r, weights.get(r, 0.0))])
+
+    def _skippable(self, role: str, w: Weight) -> bool:
+        """A role weighted by the plain number 0 that takes no gradient contributes nothing:
+        its LoRA branch (dropout and two matmuls per target layer) need not run at all."""
+        if not self.skip_zero_roles or isinstance(w, torch.Tensor) or w != 0:
+            return False
+        return not any(p.requires_grad for p in self.params[role].values())
+
+    def _set_active(self, roles: list[str]) -> None:
+        # PEFT's LoraLayer.forward runs the adapters in ``active_adapters``; its set_adapter
+        # would also flip requires_grad, so the layers' list is set directly (same order).
+        for layer in self.layers:
+            layer._active_adapter = list(roles)
 
     @contextlib.contextmanager
     def mixing(self, weights: Mapping[str, Weight]) -> Iterator[None]:
         """Mix adapters with per-role weights: a float, or a 1-D tensor (one per instance).
 
-        Roles not named get weight 0 (they do not contribute).
+        Roles not named get weight 0 (they do not contribute). A role whose weight is the
+        number 0 and whose tensors take no gradient is not computed at all (inactive in every
+        LoRA layer) for the duration of the context.
         """
         previous = self.mix_weights
         self._apply_mix(weights)

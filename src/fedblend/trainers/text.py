@@ -7,6 +7,7 @@ to embed prompts (last-layer hidden state at the last prompt token).
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ class TextTrainer:
         self._cache: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.response_logits: bool | None = None  # None: probe the model on the first train()
 
     # ---- tokenization -------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -106,6 +108,7 @@ class TextTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         order: list[int] = []
         losses: list[float] = []
+        self._prepare_training()
         self.model.train()
         try:
             with self.adapters.mixing(mix):
@@ -117,20 +120,15 @@ class TextTrainer:
                             rng.shuffle(order)
                         batch_idx.append(order.pop())
                     batch = [data[i] for i in batch_idx]
+                    if tc.group_by_length:  # same batch, same gradient sum; less padding
+                        batch.sort(key=lambda item: len(item[0]))
                     n_tokens = sum(sum(1 for t in y if t != -100) for _, y in batch)
                     opt.zero_grad(set_to_none=True)
                     total = 0.0
                     micro = min(tc.micro_batch_size, tc.batch_size)
                     for s in range(0, len(batch), micro):
                         ids, labels, mask = self._collate(batch[s : s + micro])
-                        with self.autocast():
-                            logits = self.model(input_ids=ids, attention_mask=mask).logits
-                        loss_sum = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].reshape(-1, logits.size(-1)),
-                            labels[:, 1:].reshape(-1),
-                            ignore_index=-100,
-                            reduction="sum",
-                        )
+                        loss_sum = self._loss_sum(ids, labels, mask)
                         loss = loss_sum / n_tokens
                         if prox is not None and prox[0] > 0:
                             mu, ref = prox
@@ -154,6 +152,64 @@ class TextTrainer:
             "steps": steps,
             "examples": n,
         }
+
+    def _prepare_training(self) -> None:
+        """Once: probe whether the model computes logits at chosen positions only, and turn
+        on non-reentrant gradient checkpointing of the frozen backbone if configured."""
+        if self.response_logits is None:
+            self.response_logits = self._logits_to_keep_works()
+        base = self.model.get_base_model()
+        if self.cfg.train.gradient_checkpointing and not base.is_activation_checkpointing:
+            base.activation_checkpointing_enable({"use_reentrant": False})
+            base.disable_input_require_grads()  # only the reentrant variant needs it
+
+    def _logits_to_keep_works(self) -> bool:
+        """True if the model's forward takes ``logits_to_keep`` as a boolean (batch, seq) mask
+        (transformers' ``slice_logits_to_keep``) and gives the full forward's logits there."""
+        base = self.model.get_base_model()
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return False
+        ids, _, mask = self._collate([([self.eos_id] * 3, [-100] * 3)])
+        keep = torch.tensor([[True, False, True]], device=ids.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                part = self.model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+                ).logits
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            return False
+        finally:
+            self.model.train(was_training)
+        want = full[0, [0, 2]]
+        return part.shape == want.shape and torch.allclose(part, want, rtol=1e-4, atol=1e-4)
+
+    def _loss_sum(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy over the response tokens (labels != -100).
+
+        Where the model supports it, the output projection runs only at the positions whose
+        next token is a response token (``logits_to_keep`` mask); otherwise on every position."""
+        targets = labels[:, 1:]
+        if self.response_logits:
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != -100
+            with self.autocast():
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+                ).logits
+            return torch.nn.functional.cross_entropy(
+                logits.float(), targets[keep[:, :-1]], reduction="sum"
+            )
+        with self.autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
 
     def train_steps(self, n_examples: int, epochs: float) -> int:
         return max(1, math.ceil(epochs * n_examples / self.cfg.train.batch_size))
