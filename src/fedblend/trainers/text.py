@@ -7,6 +7,7 @@ to embed prompts (last-layer hidden state at the last prompt token).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,9 @@ from fedblend.config import ExperimentConfig
 from fedblend.data.sources import Example
 
 ProgressFn = Callable[[int], None]
+# per-batch context around the forward, given the batch's instruction indices (cross-client
+# batched evaluation selects each row's client adapters with it)
+BatchContextFn = Callable[[list[int]], contextlib.AbstractContextManager[None]]
 
 
 class TextTrainer:
@@ -171,6 +175,7 @@ class TextTrainer:
         instructions: Sequence[str],
         mix: Mapping[str, Weight],
         progress: ProgressFn | None = None,
+        batch_context: BatchContextFn | None = None,
     ) -> list[str]:
         """Greedy generation in batches (sorted by length); ``mix`` weights may be per-instance
         tensors aligned with ``instructions``."""
@@ -182,7 +187,8 @@ class TextTrainer:
             idx = order[s : s + ec.batch_size]
             ids, mask = self._left_pad([prompts[i] for i in idx])
             weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
-            with self.adapters.mixing(weights):
+            rows = batch_context(idx) if batch_context else contextlib.nullcontext()
+            with self.adapters.mixing(weights), rows:
                 gen = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -199,7 +205,10 @@ class TextTrainer:
         return outs
 
     @torch.no_grad()
-    def embed(self, instructions: Sequence[str], mix: Mapping[str, Weight]) -> torch.Tensor:
+    def embed(
+        self, instructions: Sequence[str], mix: Mapping[str, Weight],
+        batch_context: BatchContextFn | None = None,
+    ) -> torch.Tensor:
         """Last-layer hidden state at the last prompt token, one row per instruction."""
         prompts = self._prompt_ids(instructions)
         rows: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
@@ -209,7 +218,8 @@ class TextTrainer:
             ids, mask = self._left_pad([prompts[i] for i in idx])
             weights = {r: (w[idx] if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with self.adapters.mixing(weights):
+            selected = batch_context(idx) if batch_context else contextlib.nullcontext()
+            with self.adapters.mixing(weights), selected:
                 out = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
                 )
