@@ -46,10 +46,23 @@ def _contexts(cfg, tr, fed):
 
 def _both(algorithm: str, **eval_cfg):
     cfg, tr, fed, algo, finals, states = _setup(algorithm, **eval_cfg)
-    out = {}
+    out, calls = {}, {}
+    plain_embed = tr.embed
+
+    def spy(instructions, mix, batch_context=None):
+        calls[batched].append(batch_context is not None)
+        return plain_embed(instructions, mix, batch_context)
+
+    tr.embed = spy
     for batched in (False, True):
+        calls[batched] = []
         out[batched] = evaluate_text(algo, tr, fed, finals, states, _contexts(cfg, tr, fed), ttp=True,
                                      cross_client=batched)
+    if algorithm == "feddpa_t":
+        # client after client: references, then each task's inputs, per client; batched: one pass,
+        # which every client's eval_mix then reuses
+        assert calls[False] == [False] * len(fed.clients) * (1 + len(fed.tasks))
+        assert calls[True][0] is True and calls[True].count(True) == 1
     return fed, out[False], out[True]
 
 

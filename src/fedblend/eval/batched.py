@@ -68,6 +68,25 @@ def generate_across_clients(
         job.preds = preds[job.start : job.start + job.n]
 
 
+def embed_across_clients(
+    trainer, models: list[State], texts: list[list[str]], mix: Mapping[str, float]
+) -> list[dict[str, torch.Tensor]]:
+    """``trainer.embed`` under ``mix`` of each ``texts[m]`` with ``models[m]``'s adapters, all
+    in shared batches; one ``{text: embedding}`` per model."""
+    unique = [list(dict.fromkeys(t)) for t in texts]
+    flat = [x for u in unique for x in u]
+    used = [{r: m[r] for r in m if r in mix} for m in models]  # roles weighted 0 play no part
+    xc = CrossClientLoRA(trainer.adapters, used)
+    index = torch.tensor([m for m, u in enumerate(unique) for _ in u], dtype=torch.long, device=xc.device)
+    with xc.active():
+        rows = trainer.embed(flat, mix, batch_context=lambda idx: xc.rows(index[idx]))
+    out, start = [], 0
+    for u in unique:
+        out.append(dict(zip(u, rows[start : start + len(u)], strict=True)))
+        start += len(u)
+    return out
+
+
 def _row_weights(jobs: list[Job], device: torch.device) -> dict[str, Any]:
     """Each role's mixing weight per packed row; a plain float where every row has the same
     float (as the client-after-client path passes it). Roles a job does not name weigh 0."""

@@ -18,7 +18,7 @@ import torch
 from fedblend.algorithms.base import Algorithm, ClientContext, State, load_into
 from fedblend.comm.codec import Message
 from fedblend.data.federation import Federation
-from fedblend.eval.batched import Job, batchable, generate_across_clients
+from fedblend.eval.batched import Job, batchable, embed_across_clients, generate_across_clients
 from fedblend.eval.metrics import METRICS, score
 
 
@@ -141,14 +141,19 @@ def evaluate_text_batched(
     texts: list[str] = []
     jobs: list[Job] = []
     shared: list[tuple[int, str, Job]] = []
+    tasks: Sequence[str] = fed.tasks
+    inputs = {t: [e.instruction for e in fed.test_by_task[t]] for t in tasks}
+    own = {c.cid: (tasks if ttp else [c.task]) for c in fed.clients}
+    flat = {c.cid: [x for t in own[c.cid] for x in inputs[t]] for c in fed.clients}
+    known = _embedded(algorithm, trainer, fed, contexts, adapters, flat)
     for c in fed.clients:
         load_into(trainer, adapters[c.cid])
-        tasks: Sequence[str] = fed.tasks if ttp else [c.task]
         ev = results[c.cid] = ClientEval(task=c.task, scores={})
-        inputs = {t: [e.instruction for e in fed.test_by_task[t]] for t in tasks}
-        mix_all, record = algorithm.eval_mix(contexts[c.cid], [x for t in tasks for x in inputs[t]])
+        mix_emb, rows_known = known.get(c.cid, ({}, {}))
+        with trainer.known_embeddings(mix_emb, rows_known):
+            mix_all, record = algorithm.eval_mix(contexts[c.cid], flat[c.cid])
         offset = 0
-        for task in tasks:
+        for task in own[c.cid]:
             rows = slice(offset, offset + len(inputs[task]))
             offset = rows.stop
             mix = {r: (w[rows] if isinstance(w, torch.Tensor) else w) for r, w in mix_all.items()}
@@ -182,6 +187,20 @@ def evaluate_text_batched(
         ev.scores = {t: ev.scores[t] for t in order}
         ev.predictions = {t: ev.predictions[t] for t in order}
     return results
+
+
+def _embedded(algorithm: Algorithm, trainer, fed: Federation, contexts: dict[int, ClientContext],
+              adapters: dict[int, State], inputs: dict[int, list[str]]) -> dict[int, tuple[dict, dict]]:
+    """The embeddings every client's ``eval_mix`` will ask for (``Algorithm.eval_embeddings``),
+    computed for all clients in shared batches: cid -> (mixing, {text: embedding})."""
+    plans = {c.cid: algorithm.eval_embeddings(contexts[c.cid], inputs[c.cid]) for c in fed.clients}
+    wanted = {cid: p for cid, p in plans.items() if p is not None}
+    mixes = [p[0] for p in wanted.values()]
+    if not wanted or any(m != mixes[0] for m in mixes):
+        return {}
+    rows = embed_across_clients(trainer, [adapters[cid] for cid in wanted],
+                                [p[1] for p in wanted.values()], mixes[0])
+    return {cid: (mixes[0], r) for cid, r in zip(wanted, rows, strict=True)}
 
 
 def summarize(results: dict[int, ClientEval], metric: str) -> dict[str, Any]:

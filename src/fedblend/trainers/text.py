@@ -210,6 +210,8 @@ class TextTrainer:
         batch_context: BatchContextFn | None = None,
     ) -> torch.Tensor:
         """Last-layer hidden state at the last prompt token, one row per instruction."""
+        if batch_context is None and (reused := self._reuse_embeddings(instructions, mix)) is not None:
+            return reused
         prompts = self._prompt_ids(instructions)
         rows: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -227,6 +229,34 @@ class TextTrainer:
             for j, i in enumerate(idx):
                 rows[i] = last[j].float()
         return torch.stack(rows)
+
+
+    _known: tuple[dict[str, Weight], Mapping[str, torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def known_embeddings(self, mix: Mapping[str, float], rows: Mapping[str, torch.Tensor]):
+        """Inside, :meth:`embed` under ``mix`` returns these rows (instruction -> embedding,
+        computed with the adapters now loaded, e.g. in a cross-client batch) and embeds only
+        the instructions not among them."""
+        previous, self._known = self._known, (dict(mix), rows)
+        try:
+            yield
+        finally:
+            self._known = previous
+
+    def _reuse_embeddings(self, instructions: Sequence[str], mix: Mapping[str, Weight]) -> torch.Tensor | None:
+        known = self._known
+        if known is None or any(isinstance(w, torch.Tensor) for w in mix.values()) or dict(mix) != known[0]:
+            return None
+        rows = dict(known[1])
+        todo = [t for t in dict.fromkeys(instructions) if t not in rows]
+        if todo:
+            self._known = None
+            try:
+                rows.update(zip(todo, self.embed(todo, mix), strict=True))
+            finally:
+                self._known = known
+        return torch.stack([rows[t] for t in instructions])
 
 
 def _sq_dist(adapters: DualLoRA, roles: Sequence[str], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
