@@ -127,3 +127,16 @@ def test_row_select_layer_equals_per_client_peft_forward():
         torch.testing.assert_close(got, torch.cat(expected)[perm], rtol=1e-5, atol=1e-5)
     # outside the context the plain PEFT modules are back
     assert all(type(layer.lora_A["local"]) is torch.nn.Linear for layer in tr.adapters.layers)
+
+
+def test_not_batchable_falls_back():
+    """Eval adapters that are not the trainer's LoRA roles (or differ in roles between clients)
+    are evaluated client after client."""
+    from fedblend.eval.batched import batchable
+
+    _, tr, _, _, finals, states = _setup("local", clients=3)
+    g = finals[0].tensors["global"]
+    assert batchable(tr, {0: states[0], 1: states[1]})
+    assert not batchable(tr, {0: states[0], 1: {"global": g}})  # different roles
+    assert not batchable(tr, {0: {"head": g}, 1: {"head": g}})  # not a LoRA role
+    assert not batchable(tr, {0: {"local": dict(list(states[0]["local"].items())[:1])}})

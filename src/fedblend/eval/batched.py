@@ -8,8 +8,10 @@ generating are packed together, sorted by prompt length and cut into batches of
 tensors through :class:`~fedblend.adapters.batched.CrossClientLoRA` and its own mixing weights
 through the per-instance scaling. What stays per client is ``eval_mix`` (FedDPA's dynamic
 weights embed the inputs with the client's own local adapter against its own cached reference
-embeddings): it is called once per client with all of its tasks' inputs, the client's adapters
-loaded, exactly as the client-after-client path computes them. Identical client models
+embeddings): it is called once per client with all of its tasks' inputs and the client's
+adapters loaded; the embeddings it asks for (``Algorithm.eval_embeddings``) are computed
+beforehand for all clients in shared batches the same way (:func:`embed_across_clients`) and
+handed back to it by ``TextTrainer.known_embeddings``. Identical client models
 (same adapters and fixed mixing, e.g. FedIT) are still generated for once and shared, and
 counted the same way in ``ClientEval.generated``.
 """
