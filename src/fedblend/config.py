@@ -161,6 +161,10 @@ class EvalConfig(_Section):
     dedupe: bool = Field(
         True, description="generate once for client models that are identical (same adapters, fixed mixing)"
     )
+    cross_client_batch: bool = Field(
+        True, description="generate for all clients' models in shared batches (each row its own "
+        "client's LoRA tensors and mixing weights) instead of client after client",
+    )
     # FedDPA inference weighting
     weighting: Literal["global", "local", "static", "dynamic"] = "dynamic"
     weighting_convention: Literal["intent", "official"] = "intent"

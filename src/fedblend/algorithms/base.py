@@ -113,6 +113,12 @@ class Algorithm(ABC):
     def eval_adapters_roles(self) -> tuple[str, ...]:
         return ("global",)
 
+    def eval_embeddings(self, ctx: ClientContext, instructions: Sequence[str]) -> tuple[dict[str, float], list[str]] | None:
+        """What ``eval_mix`` embeds for these inputs with the client's own adapters loaded: the
+        mixing and the texts (None: it embeds nothing). Cross-client evaluation embeds them for
+        every client in shared batches first, and ``eval_mix`` then reuses the rows."""
+        return None
+
 
 def load_into(trainer, adapters: State) -> None:
     for role, tensors in adapters.items():

@@ -54,17 +54,26 @@ class _DualAdapter(Algorithm):
     def eval_adapters_roles(self) -> tuple[str, ...]:
         return ("global", "local")
 
+    def _reference_prompts(self, ctx: ClientContext) -> list[str]:
+        prompts = [e.instruction for e in ctx.examples]
+        limit = self.cfg.eval.dynamic_reference
+        if limit and len(prompts) > limit:
+            g = torch.Generator().manual_seed(ctx.seed)
+            idx = torch.randperm(len(prompts), generator=g)[:limit].sort().values.tolist()
+            prompts = [prompts[i] for i in idx]
+        return prompts
+
     def _reference_embeddings(self, ctx: ClientContext) -> torch.Tensor:
         """The client's own training prompts, embedded once (L active) and cached."""
         if "reference_emb" not in ctx.extra:
-            prompts = [e.instruction for e in ctx.examples]
-            limit = self.cfg.eval.dynamic_reference
-            if limit and len(prompts) > limit:
-                g = torch.Generator().manual_seed(ctx.seed)
-                idx = torch.randperm(len(prompts), generator=g)[:limit].sort().values.tolist()
-                prompts = [prompts[i] for i in idx]
-            ctx.extra["reference_emb"] = ctx.trainer.embed(prompts, {"local": 1.0})
+            ctx.extra["reference_emb"] = ctx.trainer.embed(self._reference_prompts(ctx), {"local": 1.0})
         return ctx.extra["reference_emb"]
+
+    def eval_embeddings(self, ctx: ClientContext, instructions: Sequence[str]) -> tuple[dict[str, float], list[str]] | None:
+        if self.cfg.eval.weighting != "dynamic":
+            return None
+        refs = [] if "reference_emb" in ctx.extra else self._reference_prompts(ctx)
+        return {"local": 1.0}, list(instructions) + refs
 
     def eval_mix(self, ctx: ClientContext, instructions: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor | None]:
         ec = self.cfg.eval

@@ -2,7 +2,8 @@
 
 P(k) = client k's model on its own task's test examples; TTP(k) = the same model on every
 client's task, averaged (own task included). Client models that are identical (the same
-adapters and the same fixed mixing, as in FedIT) are evaluated once and shared.
+adapters and the same fixed mixing, as in FedIT) are evaluated once and shared. With
+``eval.cross_client_batch`` the clients' generations share batches (:mod:`fedblend.eval.batched`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from fedblend.algorithms.base import Algorithm, ClientContext, State, load_into
 from fedblend.comm.codec import Message
 from fedblend.data.federation import Federation
+from fedblend.eval.batched import Job, batchable, embed_across_clients, generate_across_clients
 from fedblend.eval.metrics import METRICS, score
 
 
@@ -92,9 +94,18 @@ def evaluate_text(
     ttp: bool,
     progress: Callable[[int], None] | None = None,
     dedupe: bool = True,
+    cross_client: bool = True,
 ) -> dict[int, ClientEval]:
     """Every client's evaluation; identical client models are generated for only once unless
-    ``dedupe`` is off (to time every client's inference, as the cost benchmark does)."""
+    ``dedupe`` is off (to time every client's inference, as the cost benchmark does).
+    ``cross_client``: generate for all clients in shared batches where their eval adapters are
+    LoRA roles of the trainer (else, or when off, client after client)."""
+    if cross_client:
+        batched = evaluate_text_batched(
+            algorithm, trainer, fed, finals, client_states, contexts, ttp, progress, dedupe
+        )
+        if batched is not None:
+            return batched
     cache: dict | None = {} if dedupe else None
     return {
         c.cid: evaluate_client(
@@ -103,6 +114,93 @@ def evaluate_text(
         )
         for c in fed.clients
     }
+
+
+def evaluate_text_batched(
+    algorithm: Algorithm,
+    trainer,
+    fed: Federation,
+    finals: dict[int, Message],
+    client_states: dict[int, State],
+    contexts: dict[int, ClientContext],
+    ttp: bool,
+    progress: Callable[[int], None] | None = None,
+    dedupe: bool = True,
+) -> dict[int, ClientEval] | None:
+    """:func:`evaluate_text` with every client's generations packed into shared batches; None
+    where the eval adapters are not LoRA roles of the trainer. Each client's ``eval_mix`` runs
+    with its own adapters loaded, once over all of its tasks' inputs (FedDPA's dynamic weights
+    are per instance), so mixing weights are those client after client computes."""
+    adapters = {c.cid: algorithm.eval_adapters(finals[c.cid], client_states.get(c.cid, {}))
+                for c in fed.clients}
+    if not batchable(trainer, adapters):
+        return None
+    cache: dict | None = {} if dedupe else None
+    results: dict[int, ClientEval] = {}
+    models: list[State] = []
+    texts: list[str] = []
+    jobs: list[Job] = []
+    shared: list[tuple[int, str, Job]] = []
+    tasks: Sequence[str] = fed.tasks
+    inputs = {t: [e.instruction for e in fed.test_by_task[t]] for t in tasks}
+    own = {c.cid: (tasks if ttp else [c.task]) for c in fed.clients}
+    flat = {c.cid: [x for t in own[c.cid] for x in inputs[t]] for c in fed.clients}
+    known = _embedded(algorithm, trainer, fed, contexts, adapters, flat)
+    for c in fed.clients:
+        load_into(trainer, adapters[c.cid])
+        ev = results[c.cid] = ClientEval(task=c.task, scores={})
+        mix_emb, rows_known = known.get(c.cid, ({}, {}))
+        with trainer.known_embeddings(mix_emb, rows_known):
+            mix_all, record = algorithm.eval_mix(contexts[c.cid], flat[c.cid])
+        offset = 0
+        for task in own[c.cid]:
+            rows = slice(offset, offset + len(inputs[task]))
+            offset = rows.stop
+            mix = {r: (w[rows] if isinstance(w, torch.Tensor) else w) for r, w in mix_all.items()}
+            key = _fingerprint(adapters[c.cid], mix) if cache is not None else None
+            if key is not None and (key, task) in cache:
+                shared.append((c.cid, task, cache[(key, task)]))
+                if progress:
+                    progress(len(inputs[task]))
+                continue
+            if not models or models[-1] is not adapters[c.cid]:
+                models.append(adapters[c.cid])
+            job = Job(c.cid, task, len(texts), len(inputs[task]), mix, len(models) - 1)
+            jobs.append(job)
+            texts.extend(inputs[task])
+            ev.generated += job.n
+            if record is not None:
+                ev.weights[task] = [float(w) for w in record[rows]]
+            if key is not None:
+                cache[(key, task)] = job
+    if jobs:
+        generate_across_clients(trainer, models, jobs, texts, progress)
+    for job in jobs:
+        preds = job.preds or []
+        results[job.cid].scores[job.task] = score(preds, [e.output for e in fed.test_by_task[job.task]])
+        results[job.cid].predictions[job.task] = preds
+    for cid, task, job in shared:
+        results[cid].scores[task] = results[job.cid].scores[job.task]
+        results[cid].predictions[task] = results[job.cid].predictions[job.task]
+    for ev in results.values():  # task order, as client after client
+        order = fed.tasks if ttp else [ev.task]
+        ev.scores = {t: ev.scores[t] for t in order}
+        ev.predictions = {t: ev.predictions[t] for t in order}
+    return results
+
+
+def _embedded(algorithm: Algorithm, trainer, fed: Federation, contexts: dict[int, ClientContext],
+              adapters: dict[int, State], inputs: dict[int, list[str]]) -> dict[int, tuple[dict, dict]]:
+    """The embeddings every client's ``eval_mix`` will ask for (``Algorithm.eval_embeddings``),
+    computed for all clients in shared batches: cid -> (mixing, {text: embedding})."""
+    plans = {c.cid: algorithm.eval_embeddings(contexts[c.cid], inputs[c.cid]) for c in fed.clients}
+    wanted = {cid: p for cid, p in plans.items() if p is not None}
+    mixes = [p[0] for p in wanted.values()]
+    if not wanted or any(m != mixes[0] for m in mixes):
+        return {}
+    rows = embed_across_clients(trainer, [adapters[cid] for cid in wanted],
+                                [p[1] for p in wanted.values()], mixes[0])
+    return {cid: (mixes[0], r) for cid, r in zip(wanted, rows, strict=True)}
 
 
 def summarize(results: dict[int, ClientEval], metric: str) -> dict[str, Any]:

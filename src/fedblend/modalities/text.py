@@ -62,7 +62,7 @@ class TextModality(Modality):
         results = evaluate_text(
             algorithm, trainer, fed, finals, states, contexts, self.cfg.eval.ttp,
             progress=(lambda n: progress.advance(etask, n)) if etask is not None else None,
-            dedupe=self.cfg.eval.dedupe,
+            dedupe=self.cfg.eval.dedupe, cross_client=self.cfg.eval.cross_client_batch,
         )
         if etask is not None:
             progress.remove_task(etask)

@@ -7,6 +7,7 @@ to embed prompts (last-layer hidden state at the last prompt token).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
@@ -21,6 +22,9 @@ from fedblend.data.sources import Example
 from fedblend.device import autocast
 
 ProgressFn = Callable[[int], None]
+# per-batch context around the forward, given the batch's instruction indices (cross-client
+# batched evaluation selects each row's client adapters with it)
+BatchContextFn = Callable[[list[int]], contextlib.AbstractContextManager[None]]
 
 
 class TextTrainer:
@@ -234,6 +238,7 @@ class TextTrainer:
         instructions: Sequence[str],
         mix: Mapping[str, Weight],
         progress: ProgressFn | None = None,
+        batch_context: BatchContextFn | None = None,
     ) -> list[str]:
         """Greedy generation in batches (sorted by length); ``mix`` weights may be per-instance
         tensors aligned with ``instructions``."""
@@ -245,7 +250,8 @@ class TextTrainer:
             idx = order[s : s + ec.batch_size]
             ids, mask = self._left_pad([prompts[i] for i in idx])
             weights = self._on_device(mix, idx)
-            with self.adapters.mixing(weights), self.autocast():
+            rows = batch_context(idx) if batch_context else contextlib.nullcontext()
+            with self.adapters.mixing(weights), rows, self.autocast():
                 gen = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -262,8 +268,13 @@ class TextTrainer:
         return outs
 
     @torch.no_grad()
-    def embed(self, instructions: Sequence[str], mix: Mapping[str, Weight]) -> torch.Tensor:
+    def embed(
+        self, instructions: Sequence[str], mix: Mapping[str, Weight],
+        batch_context: BatchContextFn | None = None,
+    ) -> torch.Tensor:
         """Last-layer hidden state at the last prompt token, one row per instruction."""
+        if batch_context is None and (reused := self._reuse_embeddings(instructions, mix)) is not None:
+            return reused
         prompts = self._prompt_ids(instructions)
         rows: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -272,7 +283,8 @@ class TextTrainer:
             ids, mask = self._left_pad([prompts[i] for i in idx])
             weights = self._on_device(mix, idx)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with self.adapters.mixing(weights), self.autocast():
+            selected = batch_context(idx) if batch_context else contextlib.nullcontext()
+            with self.adapters.mixing(weights), selected, self.autocast():
                 out = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
                 )
@@ -284,6 +296,33 @@ class TextTrainer:
     def _on_device(self, mix: Mapping[str, Weight], idx: list[int]) -> dict[str, Weight]:
         """The batch's rows of per-instance mixing weights, on the model's device."""
         return {r: (w[idx].to(self.device) if isinstance(w, torch.Tensor) else w) for r, w in mix.items()}
+
+    _known: tuple[dict[str, Weight], Mapping[str, torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def known_embeddings(self, mix: Mapping[str, float], rows: Mapping[str, torch.Tensor]):
+        """Inside, :meth:`embed` under ``mix`` returns these rows (instruction -> embedding,
+        computed with the adapters now loaded, e.g. in a cross-client batch) and embeds only
+        the instructions not among them."""
+        previous, self._known = self._known, (dict(mix), rows)
+        try:
+            yield
+        finally:
+            self._known = previous
+
+    def _reuse_embeddings(self, instructions: Sequence[str], mix: Mapping[str, Weight]) -> torch.Tensor | None:
+        known = self._known
+        if known is None or any(isinstance(w, torch.Tensor) for w in mix.values()) or dict(mix) != known[0]:
+            return None
+        rows = dict(known[1])
+        todo = [t for t in dict.fromkeys(instructions) if t not in rows]
+        if todo:
+            self._known = None
+            try:
+                rows.update(zip(todo, self.embed(todo, mix), strict=True))
+            finally:
+                self._known = known
+        return torch.stack([rows[t] for t in instructions])
 
 
 def _sq_dist(adapters: DualLoRA, roles: Sequence[str], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
