@@ -12,6 +12,7 @@ Nothing here ever reaches a hub.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -117,6 +118,10 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 def _bnb_config(cfg: ModelConfig):
     """transformers' BitsAndBytesConfig for ``model.quantization`` (None for ``none``)."""
     if cfg.quantization == "none":
@@ -130,6 +135,8 @@ def _bnb_config(cfg: ModelConfig):
     # every weight shape; eager mode is as fast here (see fedblend.vision.quant)
     torch._dynamo.config.disable = True
     if cfg.quantization == "int8":
+        # LLM.int8 casts float32 inputs to float16 by design; bitsandbytes logs it on every matmul
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -167,6 +174,7 @@ def load_text_backbone(cfg: ModelConfig, seed: int = 0):
             with tempfile.TemporaryDirectory(prefix="fedblend-tiny-") as tmp:
                 model.save_pretrained(tmp)
                 model = _from_pretrained(Path(tmp), cfg, device)
+            model.name_or_path = model.config._name_or_path = ""  # built, not loaded: no directory
     else:
         from transformers import AutoTokenizer
 

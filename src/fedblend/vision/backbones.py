@@ -22,7 +22,7 @@ from torch import nn
 from fedblend.config import VisionConfig
 from fedblend.device import autocast, resolve_device
 from fedblend.errors import ConfigError
-from fedblend.vision.quant import module_bytes, quantize_nf4
+from fedblend.vision.quant import NF4Conv2d, module_bytes, quantize_nf4
 
 EFFNET_MEAN = [0.498, 0.498, 0.498]  # EfficientNet-Lite: (x - 127) / 128
 EFFNET_STD = [0.502, 0.502, 0.502]
@@ -221,6 +221,9 @@ def on_device(bb: VisionBackbone, device: str, dtype: str) -> VisionBackbone:
     if dev.type == "cpu" and dtype == "float32":
         return bb
     (bb.clip if bb.clip is not None else bb.module).to(dev)
+    for m in bb.module.modules():
+        if isinstance(m, NF4Conv2d):
+            m.quant_state.to(dev)  # a plain object, not a buffer: Module.to leaves it behind
     inner = bb.encoder
 
     def encode(px: torch.Tensor) -> torch.Tensor:
