@@ -62,4 +62,4 @@ def print_bench(result: dict[str, Any], out: Any = None) -> None:
     for name, err in d["errors"].items():
         console.print(f"not measured: {name}: {err}", highlight=False, soft_wrap=True)
     console.print(f"bench wall {d.get('bench_wall_s', 0):.0f} s; third-party log {d.get('log')}"
-                  + (f"; JSON {out}" if out else ""), highlight=False)
+                  + (f"; JSON {out}" if out else ""), highlight=False, soft_wrap=True)
