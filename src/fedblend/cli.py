@@ -263,6 +263,7 @@ def bench(
     data: Annotated[Path, typer.Option("--data", help="flan8 directory")] = Path("../shared/data/flan8"),
     images: Annotated[Path, typer.Option("--images", help="CIFAR-10 parquet directory")] = Path(
         "../shared/data/cifar10"),
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default")] = 0,
     model: Annotated[str, typer.Option("--model", hidden=True, help="tiny: random tiny models (tests)")] = "smollm2",
 ) -> None:
     """Measure how close a round comes to the machine: matmul peak, training and evaluation
@@ -275,7 +276,8 @@ def bench(
     with user_errors():
         if model not in ("smollm2", "tiny"):
             raise FedblendError(f"--model: expected smollm2 or tiny, got {model!r}")
-        result = run_bench(scale, out, data, images, say=lambda m: err_console.print(f"bench: {m}", highlight=False))
+        result = run_bench(scale, out, data, images, threads=threads,
+                           say=lambda m: err_console.print(f"bench: {m}", highlight=False))
     print_bench(result, out)
 
 

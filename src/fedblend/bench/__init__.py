@@ -13,10 +13,10 @@ from fedblend.bench.report import print_bench, verdicts
 __all__ = ["bench", "print_bench", "run_bench", "verdicts"]
 
 
-def bench(scale: str, out: Path, data_dir: Path, images_dir: Path, say: Say = lambda m: None
-          ) -> dict[str, Any]:
+def bench(scale: str, out: Path, data_dir: Path, images_dir: Path, threads: int = 0,
+          say: Say = lambda m: None) -> dict[str, Any]:
     """Run the bench and write its JSON (with the verdicts, ``met``) to ``out``."""
-    result = run_bench(scale, data_dir, images_dir, out.with_suffix(".log"), say)
+    result = run_bench(scale, data_dir, images_dir, out.with_suffix(".log"), threads, say)
     result["met"] = verdicts(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -129,17 +129,18 @@ def _step(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
         STEP_S[name] = time.perf_counter() - t
 
 
-def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path,
+def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path, threads: int = 0,
               say: Say = lambda m: None) -> dict[str, Any]:
-    """Measure everything; returns the bench JSON (see the module docstring)."""
+    """Measure everything with ``threads`` torch threads (0: as set; the tiny scale uses 1);
+    returns the bench JSON (see the module docstring)."""
     check_inputs(scale, data_dir, images_dir)
     tiny = scale == "tiny"
     work = Path(tempfile.mkdtemp(prefix="fedblend-bench-"))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    if tiny:  # tests share a loaded machine: tiny ops on 2 spinning threads crawl there
-        torch.set_num_threads(1)
+    saved_threads = torch.get_num_threads()
+    if threads or tiny:  # tiny: tests share a loaded machine, where tiny ops on 2 threads crawl
+        torch.set_num_threads(threads or 1)
     STEP_S.clear()
     try:
         with third_party_to(log_file), open(log_file, "a") as out, \
@@ -147,7 +148,7 @@ def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path,
             result = _measure(scale, None if tiny else data_dir, None if tiny else images_dir,
                               work, say)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
         shutil.rmtree(work, ignore_errors=True)
     result["detail"]["bench_wall_s"] = time.perf_counter() - t0
     result["detail"]["log"] = str(log_file)
@@ -186,6 +187,9 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     if dpa is not None:
         train_detail["feddpa_t"] = dpa.train
         cross = has_cross_client_batch(dpa.cfg)
+        from fedblend.eval.metrics import score
+
+        score(["warm up"], ["warm up"])  # one-time imports of the scorer: not evaluation time
         ev["P"] = _step("eval_P", errors, partial(evaluate_timed, dpa, ttp=False))
         ev["TTP"] = _step("eval_TTP", errors, partial(evaluate_timed, dpa, ttp=True,
                                                       cross_client_batch=True if cross else None))

@@ -83,20 +83,35 @@ def measure_in_process(model: dict[str, Any], seed: int) -> dict[str, dict[str, 
     return out
 
 
+def own_peak_rss_mb() -> float:
+    """This process's own peak resident set: Linux's VmHWM, which an ``exec`` resets
+    (``ru_maxrss`` keeps the forking parent's high-water mark across it); elsewhere
+    ``ru_maxrss``."""
+    from fedblend.modalities.base import peak_rss_mb
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def measure_one(model: dict[str, Any], seed: int) -> dict[str, Any]:
     """Load the backbone as a run does, run one forward pass, count bytes and peak RSS."""
     import torch
 
     from fedblend.backbones.text import format_prompt, load_text_backbone
     from fedblend.config import ModelConfig
-    from fedblend.modalities.base import peak_rss_mb
 
     cfg = ModelConfig.model_validate(model)
     net, tok = load_text_backbone(cfg, seed)
     ids = tok(format_prompt("Name three primary colours."), return_tensors="pt")["input_ids"]
     with torch.no_grad():
         net(input_ids=ids.to(next(net.parameters()).device))
-    return {"backbone_bytes": backbone_bytes_of(net), "peak_rss_mb": peak_rss_mb()}
+    return {"backbone_bytes": backbone_bytes_of(net), "peak_rss_mb": own_peak_rss_mb()}
 
 
 def _worker(arg: str) -> dict[str, Any]:
