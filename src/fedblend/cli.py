@@ -256,6 +256,31 @@ def reproduce(
     console.print(f"± = half-width of the 95% interval; details in {out_dir}/claims.json and {out_dir}/report.html")
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="a few minutes on 2 CPU cores")] = False,
+    out: Annotated[Path, typer.Option("--out", help="the JSON results file")] = Path("runs/bench.json"),
+    data: Annotated[Path, typer.Option("--data", help="flan8 directory")] = Path("../shared/data/flan8"),
+    images: Annotated[Path, typer.Option("--images", help="CIFAR-10 parquet directory")] = Path(
+        "../shared/data/cifar10"),
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default")] = 0,
+    model: Annotated[str, typer.Option("--model", hidden=True, help="tiny: random tiny models (tests)")] = "smollm2",
+) -> None:
+    """Measure how close a round comes to the machine: matmul peak, training and evaluation
+    efficiency (fedit, feddpa_t on flan8 + SmolLM2), cross-client TTP speed-up, the naive
+    reference's round time, memory per quantization, images/s; writes --out."""
+    from fedblend.bench import bench as run_bench
+    from fedblend.bench import print_bench
+
+    scale = "tiny" if model == "tiny" else ("quick" if quick else "full")
+    with user_errors():
+        if model not in ("smollm2", "tiny"):
+            raise FedblendError(f"--model: expected smollm2 or tiny, got {model!r}")
+        result = run_bench(scale, out, data, images, threads=threads,
+                           say=lambda m: err_console.print(f"bench: {m}", highlight=False))
+    print_bench(result, out)
+
+
 def _register_subcommands() -> None:
     from fedblend.deploy.cli import deploy_app
 

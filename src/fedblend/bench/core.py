@@ -1,0 +1,254 @@
+"""``fedblend bench``: how close fedblend's text path comes to the machine, in one run.
+
+Order: the float32 matmul peak; FedIT on flan8 + SmolLM2 (training efficiency, seconds and
+engine overhead per round); the naive reference loop on the same config (``naive_ratio`` =
+its round time / fedblend's); FedDPA-T (training efficiency, then P and TTP evaluation
+efficiency, TTP cross-client batched vs client after client); backbone bytes and peak RSS
+per quantization (one process each); vision feature extraction images/s.
+Scales: ``quick`` (a few minutes on 2 CPU cores), ``full`` (the issue's side-by-side scale:
+8 clients x 16 examples, batch 16 / micro-batch 8, 2 epochs), ``tiny`` (tests: random tiny
+Llama and CLIP, synthetic data, seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedblend.bench.flops import TARGETS, efficiency, matmul_peak
+from fedblend.bench.memory import QUANTIZATIONS, measure_in_process, measure_in_subprocesses
+from fedblend.bench.text import evaluate_timed, has_cross_client_batch, train_session
+from fedblend.bench.vision import check_images, images_per_s
+from fedblend.config import ExperimentConfig, config_from_dict
+from fedblend.errors import ConfigError, FedblendError
+from fedblend.modalities.base import peak_rss_mb
+from fedblend.runlog import third_party_to
+
+Say = Callable[[str], None]
+NAIVE_PATH = Path(__file__).resolve().parents[3] / "benchmarks" / "naive_reference.py"
+
+FLAN8 = {
+    "model": {"source": "smollm2", "max_length": 256},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+    "data": {"kind": "instructions", "layout": "file_per_client"},
+    "eval": {"batch_size": 16, "metric": "rougeL", "weighting": "dynamic", "dynamic_top_k": 5},
+}
+SCALES: dict[str, dict[str, Any]] = {
+    "quick": {"data": {"num_clients": 4, "max_train_per_client": 4},
+              "train": {"rounds": 2, "local_epochs": 1, "lr": 1e-3, "batch_size": 4,
+                        "micro_batch_size": 2},
+              "eval": {"max_per_task": 2, "max_new_tokens": 8}},
+    "full": {"data": {"num_clients": 8, "max_train_per_client": 16},
+             "train": {"rounds": 2, "local_epochs": 2, "lr": 1e-3, "batch_size": 16,
+                       "micro_batch_size": 8},
+             "eval": {"max_per_task": 5, "max_new_tokens": 16}},
+    "tiny": {"model": {"source": "tiny", "max_length": 64},
+             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+             "data": {"kind": "synthetic", "num_clients": 3, "synthetic_train_per_client": 4,
+                      "synthetic_test_per_task": 2},
+             "train": {"rounds": 1, "local_epochs": 1, "lr": 5e-3, "batch_size": 4,
+                       "micro_batch_size": 2},
+             "eval": {"max_per_task": 2, "max_new_tokens": 4, "batch_size": 8, "dynamic_top_k": 2}},
+}
+SIZES = {"quick": {"matmul": 2048, "images": 128}, "full": {"matmul": 2048, "images": 512},
+         "tiny": {"matmul": 256, "images": 16}}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def bench_config(algorithm: str, scale: str, data_dir: Path | None) -> ExperimentConfig:
+    raw = _merge(FLAN8 if scale != "tiny" else {}, SCALES[scale])
+    if data_dir is not None:
+        raw["data"]["dir"] = str(data_dir)
+    raw.update(name=f"bench-{algorithm}", algorithm=algorithm, seed=42,
+               engine={"progress": False, "checkpoint_every": 1})
+    return config_from_dict(raw, source=f"bench ({scale})")
+
+
+def check_inputs(scale: str, data_dir: Path, images_dir: Path) -> None:
+    """Fail at once, in one line, where the data or the offline model is missing."""
+    if scale == "tiny":
+        return
+    if not (data_dir / "test.jsonl").is_file():
+        raise ConfigError(f"--data: no flan8 data (test.jsonl) in {data_dir}")
+    check_images(images_dir)
+    from fedblend.backbones.text import smollm2_checkpoint
+
+    smollm2_checkpoint()  # ConfigError naming the offline package when it is missing
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _free() -> None:
+    gc.collect()
+
+
+def _load_naive() -> Any:
+    if not NAIVE_PATH.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("fedblend_naive_reference", NAIVE_PATH)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+STEP_S: dict[str, float] = {}
+
+
+def _step(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a user error stops the bench, any other failure is recorded
+    (``detail.errors``) and the measurement reported as null. Wall seconds in ``STEP_S``."""
+    t = time.perf_counter()
+    try:
+        return fn()
+    except FedblendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON and printed in the table
+        errors[name] = f"{e.__class__.__name__}: {e}"[:500]
+        return None
+    finally:
+        STEP_S[name] = time.perf_counter() - t
+
+
+def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path, threads: int = 0,
+              say: Say = lambda m: None) -> dict[str, Any]:
+    """Measure everything with ``threads`` torch threads (0: as set; the tiny scale uses 1);
+    returns the bench JSON (see the module docstring)."""
+    check_inputs(scale, data_dir, images_dir)
+    tiny = scale == "tiny"
+    work = Path(tempfile.mkdtemp(prefix="fedblend-bench-"))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    saved_threads = torch.get_num_threads()
+    if threads or tiny:  # tiny: tests share a loaded machine, where tiny ops on 2 threads crawl
+        torch.set_num_threads(threads or 1)
+    STEP_S.clear()
+    try:
+        with third_party_to(log_file), open(log_file, "a") as out, \
+                contextlib.redirect_stdout(out):
+            result = _measure(scale, None if tiny else data_dir, None if tiny else images_dir,
+                              work, say)
+    finally:
+        torch.set_num_threads(saved_threads)
+        shutil.rmtree(work, ignore_errors=True)
+    result["detail"]["bench_wall_s"] = time.perf_counter() - t0
+    result["detail"]["log"] = str(log_file)
+    return result
+
+
+def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: Path,
+             say: Say) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    detail: dict[str, Any] = {"scale": scale, "threads": torch.get_num_threads(), "errors": errors,
+                              "torch": torch.__version__, "python": sys.version.split()[0]}
+    say(f"matmul peak ({SIZES[scale]['matmul']}^2 float32, {torch.get_num_threads()} threads)")
+    peak = matmul_peak(SIZES[scale]["matmul"])
+    detail["peak"] = peak
+    gf = float(peak["gflops"])
+
+    say("fedit: training rounds on the in-process engine")
+    fedit_cfg = bench_config("fedit", scale, data_dir)
+    detail["config"] = {k: fedit_cfg.to_dict()[k] for k in ("model", "lora", "data", "train", "eval")}
+    fedit = _step("fedit", errors, lambda: train_session(fedit_cfg, work / "fedit"))
+    train_detail: dict[str, Any] = {}
+    if fedit is not None:
+        train_detail["fedit"] = fedit.train
+        detail["linear_params"] = {"body": fedit.counts.body, "output_projection": fedit.counts.head}
+    del fedit
+    _free()
+
+    say("naive reference: a Hugging Face Trainer per client per round")
+    naive = _step("naive", errors, lambda: _run_naive(fedit_cfg, work / "naive"))
+    detail["naive_reference"] = naive
+
+    say("feddpa_t: training rounds, then P and TTP evaluation")
+    dpa_cfg = bench_config("feddpa_t", scale, data_dir)
+    dpa = _step("feddpa_t", errors, lambda: train_session(dpa_cfg, work / "feddpa_t"))
+    ev: dict[str, Any] = {}
+    if dpa is not None:
+        train_detail["feddpa_t"] = dpa.train
+        cross = has_cross_client_batch(dpa.cfg)
+        from fedblend.eval.metrics import score
+
+        score(["warm up"], ["warm up"])  # one-time imports of the scorer: not evaluation time
+        ev["P"] = _step("eval_P", errors, partial(evaluate_timed, dpa, ttp=False))
+        ev["TTP"] = _step("eval_TTP", errors, partial(evaluate_timed, dpa, ttp=True,
+                                                      cross_client_batch=True if cross else None))
+        if cross:
+            say("feddpa_t: TTP client after client (eval.cross_client_batch = false)")
+            ev["TTP_client_after_client"] = _step(
+                "eval_TTP_sequential", errors,
+                partial(evaluate_timed, dpa, ttp=True, cross_client_batch=False))
+        else:
+            ev["TTP_client_after_client"] = None
+            errors["ttp_batched_speedup"] = "eval.cross_client_batch is not in this build"
+    del dpa
+    _free()
+
+    say("backbone bytes and peak RSS per quantization (one process each)")
+    model = dpa_cfg.model.model_dump(mode="json")
+    measure = measure_in_process if scale == "tiny" else measure_in_subprocesses
+    mem = _step("memory", errors, lambda: measure(model, dpa_cfg.seed)) or {}
+    for q, m in mem.items():
+        if "error" in m:
+            errors[f"memory_{q}"] = m["error"]
+
+    say("vision feature extraction")
+    vis = _step("vision", errors, lambda: images_per_s(images_dir, SIZES[scale]["images"], work))
+
+    def eff(key: str) -> float | None:
+        e = ev.get(key) or {}
+        return efficiency(e["flops"], e["seconds"], gf) if e.get("flops") else None
+
+    fedit_t = train_detail.get("fedit", {})
+    seq, bat = ev.get("TTP_client_after_client") or {}, ev.get("TTP") or {}
+    detail.update(training=train_detail, evaluation=ev, vision=vis, step_s=dict(STEP_S),
+                  bench_process_peak_rss_mb=peak_rss_mb())
+    return {
+        "peak_gflops": gf,
+        "training_efficiency": {
+            a: efficiency(train_detail[a]["flops"], train_detail[a]["seconds"], gf)
+            if a in train_detail else None for a in ("fedit", "feddpa_t")},
+        "eval_efficiency": {"P": eff("P"), "TTP": eff("TTP")},
+        "ttp_batched_speedup": _ratio(seq.get("seconds"), bat.get("seconds")),
+        "naive_ratio": _ratio((naive or {}).get("seconds_per_round"), fedit_t.get("seconds_per_round")),
+        "naive_final_loss": (naive or {}).get("final_loss"),
+        "fedblend_final_loss": fedit_t.get("final_loss"),
+        "backbone_bytes": {q: mem.get(q, {}).get("backbone_bytes") for q in QUANTIZATIONS},
+        "peak_rss_mb": {q: mem.get(q, {}).get("peak_rss_mb") for q in QUANTIZATIONS},
+        "seconds_per_round": {a: t["seconds_per_round"] for a, t in train_detail.items()},
+        "engine_overhead_s_per_round": {
+            a: t["engine_overhead_s_per_round"] for a, t in train_detail.items()},
+        "vision_images_per_s": (vis or {}).get("images_per_s"),
+        "targets": TARGETS,
+        "detail": detail,
+    }
+
+
+def _run_naive(cfg: ExperimentConfig, workdir: Path) -> dict[str, Any] | None:
+    module = _load_naive()
+    if module is None:
+        raise FileNotFoundError(f"{NAIVE_PATH} (the naive reference ships in a source checkout)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = module.run_naive(cfg, workdir)
+    json.dumps(result)  # JSON-able
+    return result

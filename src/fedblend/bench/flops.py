@@ -1,0 +1,81 @@
+"""FLOP counts, the machine's matmul peak and efficiency: the arithmetic of ``fedblend bench``.
+
+Counted as *useful* work (LoRA adapters and attention score/value products excluded; LoRA is
+< 1% of the linear work at r = 8, attention is a few % at these sequence lengths):
+
+- training (frozen backbone, so no weight gradients for it): forward 2 + input-gradient 2 =
+  ``4 x body x non-padding tokens + 4 x head x response positions``, where ``body`` = the
+  parameters of the decoder's linear layers (q, k, v, o, gate, up, down) and ``head`` = the
+  output projection (vocab x hidden), counted only where the loss needs logits;
+- generation: ``2 x body x (prompt + generated tokens) + 2 x head x generated tokens``
+  (non-padding; a row's tokens after its EOS are padding).
+
+Efficiency = useful FLOPs / (wall seconds x measured peak FLOP/s).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# the issue's targets, by result key (all "at least")
+TARGETS = {"training_efficiency": 0.7, "eval_efficiency": 0.5, "ttp_batched_speedup": 2.0,
+           "naive_ratio": 1.3}
+
+
+@dataclass(frozen=True)
+class LinearCounts:
+    body: int  # decoder linear-layer parameters (LoRA excluded)
+    head: int  # output projection parameters
+
+
+def linear_counts(model: torch.nn.Module) -> LinearCounts:
+    """Linear-layer parameters of a (PEFT-wrapped, possibly quantized) causal LM: in x out of
+    every ``nn.Linear`` outside LoRA, split into the output projection and the rest."""
+    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = head = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or "lora_" in name:
+            continue
+        n = int(m.in_features) * int(m.out_features)
+        if m is head_mod or name.endswith("lm_head"):
+            head += n
+        else:
+            body += n
+    return LinearCounts(body, head)
+
+
+def train_flops(c: LinearCounts, tokens: float, response_tokens: float) -> float:
+    """Useful FLOPs of training on ``tokens`` non-padding tokens, ``response_tokens`` of
+    which are positions whose logits the loss needs."""
+    return 4.0 * c.body * tokens + 4.0 * c.head * response_tokens
+
+
+def eval_flops(c: LinearCounts, prompt_tokens: float, generated_tokens: float) -> float:
+    """Useful FLOPs of greedy generation (prefill of the prompts + one step per new token)."""
+    return 2.0 * c.body * (prompt_tokens + generated_tokens) + 2.0 * c.head * generated_tokens
+
+
+def efficiency(flops: float, seconds: float, peak_gflops: float) -> float | None:
+    """Achieved / peak FLOP rate; None when there is nothing to divide."""
+    if seconds <= 0 or peak_gflops <= 0 or flops <= 0:
+        return None
+    return flops / (seconds * peak_gflops * 1e9)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float | int]:
+    """The float32 matmul peak with the current torch thread count: best of ``repeats``
+    products of two ``size`` x ``size`` matrices (after one warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g)
+    b = torch.randn(size, size, generator=g)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return {"gflops": 2.0 * size**3 / best / 1e9, "size": size, "repeats": repeats,
+            "best_s": best, "threads": torch.get_num_threads()}

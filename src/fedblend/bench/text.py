@@ -1,0 +1,177 @@
+"""Text measurements of ``fedblend bench``: local updates and rounds through the library's own
+round loop and in-process dispatch, and P / TTP generation through the modality's evaluation
+(the code paths a run takes), with the tokens they process counted for the FLOP arithmetic."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedblend.algorithms import make_algorithm
+from fedblend.algorithms.base import Algorithm, ClientContext, client_seed
+from fedblend.bench.flops import LinearCounts, eval_flops, linear_counts, train_flops
+from fedblend.config import ExperimentConfig
+from fedblend.engines.inprocess import local_dispatch
+from fedblend.modalities import Modality, Prepared, modality_for
+from fedblend.reports.rundir import RunDir
+from fedblend.rounds import LoopResult, run_round_loop
+from fedblend.runner import initial_states
+
+
+@dataclass
+class Session:
+    """One trained text federation, held in memory for the evaluation measurements."""
+
+    cfg: ExperimentConfig
+    mod: Modality
+    fed: Any
+    algorithm: Algorithm
+    trainer: Any
+    prep: Prepared
+    loop: LoopResult
+    rounds: list[dict[str, Any]]
+    counts: LinearCounts
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def client_tokens(trainer: Any, cid: int, examples: Any) -> tuple[float, float]:
+    """Mean non-padding tokens and mean response positions (labels the loss uses) per example,
+    from the trainer's own tokenization (the cache ``local_update`` reads)."""
+    data = trainer.tokenize(("client", cid), examples)
+    tokens = sum(len(ids) for ids, _ in data) / len(data)
+    response = sum(sum(1 for t in y[1:] if t != -100) for _, y in data) / len(data)
+    return tokens, response
+
+
+def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
+    """Build the federation and trainer, run ``cfg.train.rounds`` rounds with the in-process
+    dispatch, and account every client's local update: seconds (the engine's ``train_s``),
+    optimizer steps, examples drawn, tokens and useful FLOPs."""
+    mod = modality_for(cfg)
+    cfg = mod.cfg
+    fed = mod.build_federation()
+    algorithm = make_algorithm(cfg)
+    trainer = mod.load_trainer(mod.describe(fed))
+    prep = mod.prepare(trainer, fed, algorithm, None)
+    run = RunDir(workdir)
+    run.start(cfg.to_dict(), resume=False)
+    transport, counters, server_state, client_states = initial_states(
+        algorithm, trainer, run, list(prep.train_data), 0, None)
+    dispatch = local_dispatch(algorithm, trainer, prep.train_data, cfg, transport, client_states)
+    loop = run_round_loop(algorithm, sorted(prep.train_data), cfg, run, transport, server_state,
+                          dispatch, client_states=client_states, counters=counters)
+    rounds = run.rounds()
+    counts = linear_counts(trainer.model)
+    flops = seconds = tokens = 0.0
+    per_round = []
+    for rec in rounds:
+        client_s = 0.0
+        for cid_s, m in rec["client_metrics"].items():
+            cid = int(cid_s)
+            examples = prep.train_data[cid]
+            tok, resp = client_tokens(trainer, cid, examples)
+            steps = algorithm.update_steps(len(examples), rec["round"], trainer)
+            drawn = steps * min(cfg.train.batch_size, len(examples))  # examples through the model
+            flops += train_flops(counts, drawn * tok, drawn * resp)
+            tokens += drawn * tok
+            seconds += m["train_s"]
+            client_s += m["train_s"]
+        per_round.append({"round": rec["round"], "seconds": rec["seconds"], "clients_s": client_s,
+                          "overhead_s": rec["seconds"] - client_s, "loss": rec["loss"]})
+    n = max(1, len(per_round))
+    train = {
+        "flops": flops, "seconds": seconds, "tokens": tokens,
+        "seconds_per_round": sum(r["seconds"] for r in per_round) / n,
+        "engine_overhead_s_per_round": sum(r["overhead_s"] for r in per_round) / n,
+        "final_loss": per_round[-1]["loss"] if per_round else None,
+        "rounds": per_round,
+    }
+    return Session(cfg, mod, fed, algorithm, trainer, prep, loop, rounds, counts, train)
+
+
+class GenerationCounter:
+    """Counts the non-padding prompt tokens and generated tokens of every ``generate`` call on
+    a model (a wrapper around the instance's method, removed on exit)."""
+
+    def __init__(self, model: Any, eos_id: int | None, pad_id: int | None) -> None:
+        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.calls = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    def _add(self, ids: torch.Tensor | None, mask: torch.Tensor | None, out: Any) -> None:
+        seqs = getattr(out, "sequences", out)
+        if ids is None or not isinstance(seqs, torch.Tensor):
+            return
+        self.calls += 1
+        self.prompt_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+        for row in seqs[:, ids.shape[1]:].tolist():
+            n = len(row)
+            for j, t in enumerate(row):
+                if t == self.eos_id:
+                    n = j + 1  # the EOS was computed; what follows is padding
+                    break
+                if t == self.pad_id:
+                    n = j
+                    break
+            self.generated_tokens += n
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[GenerationCounter]:
+        original = self.model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._add(ids, kwargs.get("attention_mask"), out)
+            return out
+
+        self.model.generate = generate
+        try:
+            yield self
+        finally:
+            del self.model.generate
+
+
+def has_cross_client_batch(cfg: ExperimentConfig) -> bool:
+    return "cross_client_batch" in type(cfg.eval).model_fields
+
+
+def evaluate_timed(s: Session, ttp: bool, cross_client_batch: bool | None = None) -> dict[str, Any]:
+    """Evaluate every client as a run does (``Modality.evaluate``; fresh client contexts, so
+    each evaluation embeds its FedDPA reference prompts anew) with ``eval.ttp`` and, where the
+    build has it, ``eval.cross_client_batch`` set; seconds, tokens, useful FLOPs."""
+    cfg = s.cfg
+    saved = {"ttp": cfg.eval.ttp}
+    cfg.eval.ttp = ttp
+    if cross_client_batch is not None:
+        saved["cross_client_batch"] = cfg.eval.cross_client_batch
+        cfg.eval.cross_client_batch = cross_client_batch
+    rounds = cfg.train.rounds
+    cids = [c.cid for c in s.fed.clients]
+    final = s.algorithm.final_payload(s.loop.server_state)
+    finals = dict.fromkeys(cids, final)
+    states = {cid: s.loop.client_states.get(cid, {}) for cid in cids}
+    contexts = {cid: ClientContext(cid=cid, round=rounds, seed=client_seed(cfg.seed, rounds, cid),
+                                   examples=s.prep.examples[cid], trainer=s.trainer, cfg=cfg)
+                for cid in cids}
+    counter = GenerationCounter(s.trainer.model, s.trainer.eos_id, s.trainer.pad_id)
+    try:
+        with counter.counting():
+            t = time.perf_counter()
+            ev = s.mod.evaluate(s.algorithm, s.trainer, s.fed, s.prep, finals, states, contexts, None)
+            seconds = time.perf_counter() - t
+    finally:
+        for k, v in saved.items():
+            setattr(cfg.eval, k, v)
+    flops = eval_flops(s.counts, counter.prompt_tokens, counter.generated_tokens)
+    return {"seconds": seconds, "generate_calls": counter.calls,
+            "prompt_tokens": counter.prompt_tokens, "generated_tokens": counter.generated_tokens,
+            "flops": flops if counter.calls else None,
+            "instances": ev.times.get("generated_instances")}

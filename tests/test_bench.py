@@ -1,0 +1,116 @@
+"""fedblend bench: the FLOP / efficiency arithmetic on fixed numbers, the generation token
+count, the naive reference's FedAvg through disk, and every JSON key from a tiny bench."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedblend.bench.flops import LinearCounts, efficiency, eval_flops, linear_counts, train_flops
+from fedblend.bench.text import GenerationCounter
+from fedblend.cli import app
+from fedblend.config import LoraConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _naive():
+    spec = importlib.util.spec_from_file_location("naive_reference", ROOT / "benchmarks" / "naive_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flop_and_efficiency_arithmetic():
+    c = LinearCounts(body=100, head=10)
+    assert train_flops(c, tokens=50, response_tokens=20) == 4 * 100 * 50 + 4 * 10 * 20
+    assert eval_flops(c, prompt_tokens=30, generated_tokens=5) == 2 * 100 * 35 + 2 * 10 * 5
+    assert efficiency(4e9, seconds=2.0, peak_gflops=4.0) == pytest.approx(0.5)
+    assert efficiency(0.0, 1.0, 1.0) is None and efficiency(1.0, 0.0, 1.0) is None
+
+
+def test_linear_counts_of_the_tiny_llama_exclude_lora():
+    from fedblend.adapters.lora import DualLoRA
+    from fedblend.backbones.text import load_text_backbone
+
+    cfg = ModelConfig(source="tiny", tiny_hidden_size=64, tiny_layers=2, tiny_heads=4)
+    model, tok = load_text_backbone(cfg)
+    h, inter = 64, 128  # the tiny Llama: intermediate = 2 x hidden, as many kv as query heads
+    body = 2 * (4 * h * h + 3 * h * inter)
+    assert linear_counts(model) == LinearCounts(body=body, head=len(tok) * h)
+    wrapped = DualLoRA(model, LoraConfig(r=4, alpha=8, dropout=0.0)).model
+    assert linear_counts(wrapped) == LinearCounts(body=body, head=len(tok) * h)
+
+
+def test_generation_counter_stops_each_row_at_its_eos():
+    class Model(torch.nn.Module):  # a real generate contract: prompt columns, then new tokens
+        def generate(self, input_ids, attention_mask, **kw):
+            new = torch.tensor([[5, 9, 6, 9], [7, 7, 7, 7]])  # row 0 ends at EOS (9)
+            return torch.cat([input_ids, new], dim=1)
+
+    m = Model()
+    c = GenerationCounter(m, eos_id=9, pad_id=0)
+    ids = torch.tensor([[0, 3, 4], [1, 2, 3]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with c.counting():
+        m.generate(input_ids=ids, attention_mask=mask)
+    assert (c.calls, c.prompt_tokens, c.generated_tokens) == (1, 5, 2 + 4)
+    assert "generate" not in m.__dict__  # the wrapper is gone
+
+
+def test_naive_reference_fedavg_of_two_saved_adapters_is_their_mean(tmp_path):
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from fedblend.backbones.text import load_text_backbone
+
+    model, _ = load_text_backbone(ModelConfig(source="tiny"))
+    model = get_peft_model(model, PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    states = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {k: torch.randn(v.shape, generator=g) for k, v in get_peft_model_state_dict(model).items()}
+        set_peft_model_state_dict(model, sd)
+        model.save_pretrained(str(tmp_path / f"c{i}"))
+        states.append(sd)
+    naive = _naive()
+    avg = naive.fedavg_adapter_files([tmp_path / "c0", tmp_path / "c1"], [1, 1])
+    weighted = naive.fedavg_adapter_files([tmp_path / "c0", tmp_path / "c1"], [1, 3])
+    assert set(avg) == set(states[0])
+    for k in avg:
+        torch.testing.assert_close(avg[k], (states[0][k] + states[1][k]) / 2)
+        torch.testing.assert_close(weighted[k], 0.25 * states[0][k] + 0.75 * states[1][k])
+
+
+def test_bench_tiny_writes_every_key_without_third_party_output(tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "tiny", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["peak_gflops"] > 0
+    assert set(d["training_efficiency"]) == {"fedit", "feddpa_t"}
+    assert all(0 < v < 2 for v in d["training_efficiency"].values())
+    assert set(d["eval_efficiency"]) == {"P", "TTP"} and all(v > 0 for v in d["eval_efficiency"].values())
+    assert "ttp_batched_speedup" in d and d["naive_ratio"] > 0
+    assert set(d["backbone_bytes"]) == set(d["peak_rss_mb"]) == {"none", "int8", "nf4"}
+    assert d["backbone_bytes"]["none"] > 0 and d["peak_rss_mb"]["none"] > 0
+    assert set(d["seconds_per_round"]) == set(d["engine_overhead_s_per_round"]) == {"fedit", "feddpa_t"}
+    assert d["vision_images_per_s"] > 0 and d["naive_final_loss"] > 0 and d["fedblend_final_loss"] > 0
+    assert set(d["met"]) >= {"training_efficiency.fedit", "eval_efficiency.TTP", "naive_ratio"}
+    ev = d["detail"]["evaluation"]["TTP"]
+    assert ev["generated_tokens"] > 0 and ev["prompt_tokens"] > ev["generated_tokens"]
+    assert {k for k in d["detail"]["errors"] if not k.startswith("memory_")} <= {"ttp_batched_speedup"}
+    for noise in ("Warning", "{'loss'", "it/s", "Map:"):
+        assert noise not in r.output
+
+
+def test_bench_without_the_data_dir_fails_in_one_line(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")])
+    assert r.exit_code != 0
+    assert "--data" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
