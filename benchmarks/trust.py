@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +62,11 @@ def run_one(raw: dict[str, Any], overrides: list[str], out: Path) -> dict[str, A
 
     cfg = config_from_dict(raw, overrides)
     rd = RunDir(out)
-    t = time.perf_counter()
     s = rd.summary() if rd.complete else run_experiment(cfg, out, resume=(out / "checkpoint").is_dir())
     rounds = rd.rounds()
     return {
         "accuracy": s["accuracy"]["overall"], "bytes_up": s["comm"]["bytes_up"],
-        "privacy": s.get("privacy"), "seconds": time.perf_counter() - t,
+        "privacy": s.get("privacy"), "seconds": s["time"]["wall_s"],  # also for a finished run
         "dropped": sum(len(r.get("dropped", {})) for r in rounds),
         "skipped": sum(1 for r in rounds if r.get("skipped")),
         "sampled": sum(len(r.get("sampled", [])) for r in rounds),
