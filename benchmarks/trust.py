@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,17 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 ATTACK = ["attack.kind='sign_flip'", "attack.clients=[0, 1, 2]", "attack.scale=10.0"]
 
 
-def base_config(n_max: int, rounds: int, test_per_class: int, cache: str, lr: float, epochs: float) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, seed: int, cache: str) -> dict[str, Any]:
     return {
-        "name": "trust", "algorithm": "fedavg_adapter", "seed": 0,
+        "name": "trust", "algorithm": "fedavg_adapter", "seed": seed,
         "data": {"num_clients": 10, "partitioner": "dirichlet", "dirichlet_alpha": 0.5},
-        "train": {"rounds": rounds, "local_epochs": epochs, "lr": lr, "batch_size": 32},
+        "train": {"rounds": args.rounds, "local_epochs": args.epochs, "lr": args.lr,
+                  "batch_size": args.batch_size},
         "engine": {"progress": False, "threads": 1},
         "vision": {"backbone": "efficientnet_lite0", "dir": str(CIFAR), "image_size": 32,
-                   "n_max": n_max, "test_per_class": test_per_class, "own_test_size": 20,
-                   "cache_dir": cache},
+                   "n_max": args.n_max, "test_per_class": args.test_per_class, "own_test_size": 20,
+                   "adapter": args.adapter, "train_head": not args.fixed_head,
+                   "reference": False, "cache_dir": cache},
     }
 
 
@@ -61,35 +62,35 @@ def run_one(raw: dict[str, Any], overrides: list[str], out: Path) -> dict[str, A
 
     cfg = config_from_dict(raw, overrides)
     rd = RunDir(out)
-    t = time.perf_counter()
     s = rd.summary() if rd.complete else run_experiment(cfg, out, resume=(out / "checkpoint").is_dir())
     rounds = rd.rounds()
     return {
         "accuracy": s["accuracy"]["overall"], "bytes_up": s["comm"]["bytes_up"],
-        "privacy": s.get("privacy"), "seconds": time.perf_counter() - t,
+        "privacy": s.get("privacy"), "seconds": s["time"]["wall_s"],  # also for a finished run
         "dropped": sum(len(r.get("dropped", {})) for r in rounds),
         "skipped": sum(1 for r in rounds if r.get("skipped")),
         "sampled": sum(len(r.get("sampled", [])) for r in rounds),
     }
 
 
-def table(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    clean = res["clean fedavg"]
+def table(res: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Trust features on CIFAR-10 features (benchmarks/trust.py)", "",
-        (f"fedavg adapter on frozen EfficientNet-Lite0 features (32 px), CIFAR-10, {args.n_max} training "
-        f"images per class, Dirichlet(0.5) over 10 clients, {args.rounds} rounds, {args.epochs:g} local "
-         f"epochs, lr {args.lr:g}, "
-        f"{args.test_per_class * 10} balanced test images; seed 0. Attack: clients 0, 1, 2 send "
-        "sign-flipped deltas scaled x10. Measured on a shared 2-core CPU box under load (seconds "
-        "are indicative only)."), "",
-        "| run | accuracy | vs clean (points) | bytes up | epsilon | dropped / sampled | skipped rounds | s |",
-        "|---|---|---|---|---|---|---|---|",
+        (f"fedavg adapter ({args.adapter} adapter, {'fixed' if args.fixed_head else 'trained'} "
+         f"head) on frozen EfficientNet-Lite0 features (32 px), CIFAR-10, {args.n_max} training "
+         f"images per class, Dirichlet(0.5) over 10 clients, {args.rounds} rounds, {args.epochs:g} local "
+         f"epochs, lr {args.lr:g}, batch {args.batch_size}, "
+         f"{args.test_per_class * 10} balanced test images; seeds {', '.join(map(str, args.seeds))}. "
+         "Attack: clients 0, 1, 2 send sign-flipped deltas scaled x10. Measured on a shared 2-core "
+         "CPU box under load (seconds are indicative only)."), "",
+        "| seed | run | accuracy | vs clean (points) | bytes up | epsilon | dropped / sampled | skipped rounds | s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in res.items():
+    for (seed, name), r in res.items():
+        clean = res[(seed, "clean fedavg")]
         eps = r["privacy"]["epsilon"] if r["privacy"] else None
         lines.append(
-            f"| {name} | {r['accuracy']:.4f} | {100 * (r['accuracy'] - clean['accuracy']):+.1f} | "
+            f"| {seed} | {name} | {r['accuracy']:.4f} | {100 * (r['accuracy'] - clean['accuracy']):+.1f} | "
             f"{r['bytes_up']:,} ({clean['bytes_up'] / r['bytes_up']:.2f}x less) | "
             f"{'-' if eps is None else f'{eps:.2f}'} | {r['dropped']} / {r['sampled']} | {r['skipped']} | "
             f"{r['seconds']:.0f} |"
@@ -110,21 +111,28 @@ def main() -> int:
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--adapter", choices=["attention", "residual"], default="attention")
+    ap.add_argument("--fixed-head", action="store_true", help="vision.train_head = false")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--clip", type=float, default=0.5, help="DP clip of each client's delta")
     ap.add_argument("--only", nargs="*", default=None, help="scenario names to run")
     args = ap.parse_args()
     if not CIFAR.is_dir():
         print(f"{CIFAR}: not found", file=sys.stderr)
         return 2
-    raw = base_config(args.n_max, args.rounds, args.test_per_class, str(args.out / "cache"), args.lr, args.epochs)
-    res: dict[str, dict[str, Any]] = {}
-    for name, ov in scenarios(args.clip).items():
-        if args.only and name not in args.only and name != "clean fedavg":
-            continue
-        res[name] = run_one(raw, ov, args.out / name.replace(" ", "_").replace("=", ""))
-        print(name, json.dumps({k: v for k, v in res[name].items() if k != "privacy"}), flush=True)
-        if args.md:  # after every run, so a partial table survives an interrupted benchmark
-            args.md.write_text(table(res, args))
+    res: dict[tuple[int, str], dict[str, Any]] = {}
+    for seed in args.seeds:
+        raw = base_config(args, seed, str(args.out / "cache"))
+        for name, ov in scenarios(args.clip).items():
+            if args.only and name not in args.only and name != "clean fedavg":
+                continue
+            slug = name.replace(" ", "_").replace("=", "")
+            res[(seed, name)] = run_one(raw, ov, args.out / (slug if seed == 0 else f"{slug}.seed{seed}"))
+            print(seed, name, json.dumps({k: v for k, v in res[(seed, name)].items() if k != "privacy"}),
+                  flush=True)
+            if args.md:  # after every run, so a partial table survives an interrupted benchmark
+                args.md.write_text(table(res, args))
     print(table(res, args))
     return 0
 

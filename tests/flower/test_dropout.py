@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedblend.algorithms import make_algorithm
@@ -24,8 +25,9 @@ from .conftest import TINY, TINY_OVERRIDES
 
 
 class ScriptedGrid:
-    """Node 100 (client 0) answers with an update, node 101 (client 1) with an error reply,
-    node 102 (client 2) never answers."""
+    """Node 100 (client 0) answers with an update (an evaluation), node 101 (client 1) with an
+    error reply, node 102 (client 2) never answers, node 103 (client 3) is dead: the SuperLink
+    answers for it with its "node unavailable" error."""
 
     def __init__(self) -> None:
         self.timeouts: list[float | None] = []
@@ -34,9 +36,15 @@ class ScriptedGrid:
         self.timeouts.append(timeout)
         replies = []
         for m in messages:
-            if m.metadata.dst_node_id == 100:
+            if m.metadata.dst_node_id == 100 and m.metadata.message_type == MessageType.EVALUATE:
+                replies.append(Message(RecordDict({wire.RECORD: ConfigRecord({wire.EXPORTS: "{}", "eval": "{}"})}),
+                                       reply_to=m))
+            elif m.metadata.dst_node_id == 100:
                 update = FbMessage(tensors={"global": {"w": torch.ones(2, 2)}}, num_examples=3)
                 replies.append(Message(RecordDict({wire.RECORD: ConfigRecord({wire.UPDATE: encode(update)})}),
+                                       reply_to=m))
+            elif m.metadata.dst_node_id == 103:  # what the SuperLink answers for a dead node
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
                                        reply_to=m))
             elif m.metadata.dst_node_id == 101:
                 replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=m))
@@ -89,3 +97,19 @@ def test_a_round_in_which_every_client_errors_fails_the_run(tmp_path: Path) -> N
         run_round_loop(algorithm, [1], cfg, run, transport, {"global": {"w": torch.zeros(2, 2)}},
                        clients.train_round)
     assert len(grid.timeouts) == 1  # failed in the first round, not after all three
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=2", "train.rounds=1"])
+    run = RunDir(tmp_path / "run")
+    run.start(cfg.to_dict(), resume=False)
+    (run.path / "flower").mkdir()
+    algorithm, grid = make_algorithm(cfg), ScriptedGrid()
+    clients = FlowerClients(grid, cfg, algorithm, Transport(), run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
+                            nodes={0: 100, 3: 103})
+    final = algorithm.final_payload({"global": {"w": torch.zeros(2, 2)}})
+    replies, _, dropped = clients.evaluate(final)
+    assert list(replies) == [0]
+    assert dropped == {3: "error: Node Unavailable"}
+    assert {"type": "evaluate", "round": "final", "cid": 3, "dropped": "error: Node Unavailable"} in clients.messages

@@ -1,11 +1,27 @@
 """The robustness claim of issue 10 at a small scale, on real CIFAR-10 features: 3 of 10
 clients (Dirichlet 0.5) send sign-flipped updates scaled x10; plain FedAvg loses at least 20
-accuracy points against the clean run while the median keeps most of the clean accuracy.
+accuracy points against the clean run while the coordinate-wise median and the trimmed mean
+(trim_ratio 0.3: Flower cuts int(0.3 * 10) = 3 updates at each end, as many as there are
+attackers) keep most of the clean accuracy.
 
-Measured at exactly these settings (benchmarks/results/trust.md): clean 0.365, attacked
-FedAvg 0.085 (-28.0 points), attacked median 0.290 (-7.5). The issue's "within 5 points"
-does not hold at this 400-image, 6-round scale (at lr 3e-3 the median is -4.0 but FedAvg
-only -16.5), so the bound asserted for the median is 10 points."""
+Settings (benchmarks/results/trust.md has every rule at two seeds): the shipped CIFAR-10
+levers that make honest updates agree, i.e. the residual adapter and a fixed head (only the
+adapter trains, so no client drags the class prototypes of the classes it lacks), 100 images
+per class, 10 rounds of 2 local epochs. ``feature_norm = "standardize"`` is left off: its
+statistics travel with the adapter, and the coordinate-wise median of the clients' per-dimension
+means and mean squares is zero on dimensions that only some clients' features use (856
+zero-variance dimensions against 427 pooled), which are then divided by a ~0 standard
+deviation: with it the median / trimmed mean lost 13.5 / 15.5 points instead of 5.5 / 4.5
+(seed 0, 200 test images).
+
+Measured at exactly these settings (seed 0, 500 test images): clean 0.384, attacked FedAvg
+0.100 (-28.4 points), median 0.308 (-7.6), trimmed mean 0.306 (-7.8); seed 1: clean 0.396,
+FedAvg 0.100 (-29.6), median 0.310 (-8.6), trimmed mean 0.312 (-8.4). The issue's "within 5
+points" did not hold at any small scale tried (n_max 40-200, 6-10 rounds, attention or
+residual adapter, trained or fixed head, balanced loss: the best was -4.5 / -5.5 at one seed
+and -8.4 / -8.6 at the next), so the bound asserted for the robust rules is 10 points: the
+coordinate-wise rules stop where the lower-ranked honest updates stop, which under Dirichlet
+label skew is short of FedAvg's clean optimum."""
 
 from __future__ import annotations
 
@@ -20,17 +36,18 @@ ATTACK = {"kind": "sign_flip", "clients": [0, 1, 2], "scale": 10.0}
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not CIFAR.is_dir(), reason="../shared/data/cifar10 not present")
-def test_median_resists_sign_flipping_clients(tmp_path):
+def test_robust_rules_resist_sign_flipping_clients(tmp_path):
     from fedblend.config import config_from_dict
 
     def acc(name: str, **sections) -> float:
         raw = {
             "algorithm": "fedavg_adapter", "seed": 0,
             "data": {"num_clients": 10, "partitioner": "dirichlet", "dirichlet_alpha": 0.5},
-            "train": {"rounds": 6, "local_epochs": 3, "lr": 1e-2, "batch_size": 32},
+            "train": {"rounds": 10, "local_epochs": 2, "lr": 3e-3, "batch_size": 64},
             "engine": {"progress": False},
             "vision": {"backbone": "efficientnet_lite0", "dir": str(CIFAR), "image_size": 32,
-                       "n_max": 40, "test_per_class": 20, "own_test_size": 20,
+                       "n_max": 100, "test_per_class": 50, "own_test_size": 20,
+                       "adapter": "residual", "train_head": False, "reference": False,
                        "cache_dir": str(tmp_path / "cache")},
             **sections,
         }
@@ -39,5 +56,7 @@ def test_median_resists_sign_flipping_clients(tmp_path):
     clean = acc("clean")
     attacked = acc("fedavg", attack=ATTACK)
     median = acc("median", attack=ATTACK, aggregate={"rule": "median"})
+    trimmed = acc("trimmed", attack=ATTACK, aggregate={"rule": "trimmed_mean", "trim_ratio": 0.3})
     assert clean - attacked >= 0.20, (clean, attacked)
     assert clean - median <= 0.10, (clean, median)
+    assert clean - trimmed <= 0.10, (clean, trimmed)

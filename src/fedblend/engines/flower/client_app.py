@@ -40,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
     faults.maybe_stall(cid, rnd)  # test-only; no-op unless its env var is set
+    faults.maybe_kill_node(cid, rnd)  # test-only, the same
     trainer = node.load_trainer()
     prep = node.prepare(trainer)
     state, source, state_round = node.load_state(context, trainer, upto=rnd)

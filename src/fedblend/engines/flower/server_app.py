@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from flwr.app import Context, Message, MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedblend.algorithms import make_algorithm
@@ -94,6 +95,7 @@ class FlowerClients:
     nodes: dict[int, int] = field(default_factory=dict)  # cid -> Flower node id
     info: dict[int, dict[str, Any]] = field(default_factory=dict)  # cid -> query reply
     messages: list[dict[str, Any]] = field(default_factory=list)  # per reply: type, cid, timings
+    unavailable: set[int] = field(default_factory=set)  # clients whose node the SuperLink reports dead
 
     @property
     def config_json(self) -> str:
@@ -116,12 +118,18 @@ class FlowerClients:
         ]
         replies = list(self.grid.send_and_receive(out, timeout=timeout))
         by_node = {v: k for k, v in self.nodes.items()}
+        # pushing sets each message's id; the SuperLink's own error reply for a dead node
+        # comes from the SuperLink (its node id), so only reply_to names the client
+        by_id = {m.metadata.message_id: cid for m, cid in zip(out, fields_by_cid, strict=True)}
         got: dict[int, Message] = {}
         dropped: dict[int, str] = {}
         for r in replies:
-            cid = by_node[r.metadata.src_node_id]
+            src = r.metadata.src_node_id
+            cid = by_node[src] if src in by_node else by_id[r.metadata.reply_to_message_id]
             if r.has_error():
                 dropped[cid] = f"error: {r.error.reason}"
+                if r.error.code == ErrorCode.NODE_UNAVAILABLE:  # its heartbeat lapsed: dead
+                    self.unavailable.add(cid)
                 continue
             got[cid] = r
             self.messages.append({"type": kind, "round": group, "cid": cid,
@@ -199,20 +207,27 @@ class FlowerClients:
             )
         return updates, dropped
 
-    def evaluate(self, final: FbMessage) -> tuple[dict[int, dict[str, str]], dict[str, Any]]:
-        """Each node's evaluation reply (the modality's JSON fields), and its local exports."""
+    def evaluate(self, final: FbMessage) -> tuple[dict[int, dict[str, str]], dict[str, Any], dict[int, str]]:
+        """Each node's evaluation reply (the modality's JSON fields), its local exports, and
+        the clients left out: only nodes the SuperLink reports dead (no heartbeat for two
+        intervals: killed, machine lost). Any other error, or no reply within
+        ``message-timeout-s``, fails the run: a slow evaluation is waited for."""
         rounds = self.cfg.train.rounds
         sent = {cid: {wire.ROUND: rounds, wire.PAYLOAD: self.transport.encode_down(rounds, cid, final)}
                 for cid in sorted(self.nodes)}
         replies: dict[int, dict[str, str]] = {}
         local: dict[str, Any] = {}
-        for cid, r in self._send(MessageType.EVALUATE, "final", sent)[0].items():
+        got, dropped = self._send(MessageType.EVALUATE, "final", sent, tolerate=True)
+        fatal = {c: w for c, w in dropped.items() if c not in self.unavailable}
+        if fatal or not got:
+            raise FedblendError("; ".join(f"client {c} (evaluate): {w}" for c, w in sorted(dropped.items())))
+        for cid, r in got.items():
             self._inspect("evaluate", "final", cid, r, None)
             f = wire.fields(r)
             replies[cid] = {k: str(v) for k, v in f.items() if k != wire.EXPORTS}
             for role, path in json.loads(str(f[wire.EXPORTS])).items():
                 local.setdefault(role, {})[str(cid)] = path
-        return replies, local
+        return replies, local, dropped
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int,
@@ -250,7 +265,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
 
     t_eval = time.perf_counter()
     final = algorithm.final_payload(loop.server_state)
-    replies, local = clients.evaluate(final)
+    replies, local, eval_dropped = clients.evaluate(final)
     eval_s = time.perf_counter() - t_eval
     ev = mod.collect(replies, desc)
     exported: dict[str, Any] = {"local": local.pop("local", {}), **local} if mod.export_local else {}
@@ -264,7 +279,9 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
              **({"feature_s": max(prepared)} if prepared else {})}
     comm = {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down}
     summary = mod.summarize(run, algorithm, trainer, ev, comm, times, desc, exported,
-                            {"resumed_at_round": start_round or None})
+                            {"resumed_at_round": start_round or None,
+                             **({"eval_dropped": {str(c): w for c, w in eval_dropped.items()}}
+                                if eval_dropped else {})})
     loads = [m["backbone_load_s"] for m in clients.messages if "backbone_load_s" in m]
     run.write_json("flower/engine.json", {
         "run_id": run_id,
