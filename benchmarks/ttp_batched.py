@@ -10,7 +10,11 @@ prediction check shows are the same. Dynamic FedDPA weights (the default of the 
 config) embed every test input with each client's own local adapter; that time is reported
 apart (``embed s``), it is the same work in both modes.
 
-    nice -n 10 python benchmarks/ttp_batched.py --reps 2 --out runs/ttp_batched.json
+    nice -n 10 python benchmarks/ttp_batched.py --reps 3 --threads 1 --set eval.max_per_task=2 \
+        --set eval.dynamic_reference=8 --set model.max_length=128 --out runs/ttp_batched.json
+
+(the scale of benchmarks/results/ttp_batched.md; drop the --set flags for 3 test examples per
+task, all 32 reference prompts and 256-token prompts).
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ def main() -> int:
     rows = sum(len(v) for v in fed.test_by_task.values()) * len(fed.clients)
     print(f"{len(fed.clients)} clients, {rows} TTP generations per mode, batch {cfg.eval.batch_size}, "
           f"max_new_tokens {cfg.eval.max_new_tokens}, torch threads {torch.get_num_threads()}", flush=True)
-    run(True)  # warm-up (first-call allocations), untimed
+    warm = [e.instruction for e in fed.clients[0].train[:2]]  # first-call allocations, untimed
+    tr.embed(warm, {"local": 1.0})
+    tr.generate(warm, {"global": 1.0})
     times: dict[str, list[dict[str, float]]] = {"client_after_client": [], "cross_client_batch": []}
     preds: dict[str, dict] = {}
     for rep in range(args.reps):
