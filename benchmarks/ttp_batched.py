@@ -10,7 +10,11 @@ prediction check shows are the same. Dynamic FedDPA weights (the default of the 
 config) embed every test input with each client's own local adapter; that time is reported
 apart (``embed s``), it is the same work in both modes.
 
-    nice -n 10 python benchmarks/ttp_batched.py --reps 2 --out runs/ttp_batched.json
+    nice -n 10 python benchmarks/ttp_batched.py --reps 3 --threads 1 --set eval.max_per_task=2 \
+        --set eval.dynamic_reference=8 --set model.max_length=128 --out runs/ttp_batched.json
+
+(the scale of benchmarks/results/ttp_batched.md; drop the --set flags for 3 test examples per
+task, all 32 reference prompts and 256-token prompts).
 """
 
 from __future__ import annotations
@@ -75,27 +79,30 @@ def main() -> int:
 
     tr.embed = timed_embed  # type: ignore[method-assign]
 
-    def run(batched: bool) -> tuple[float, float, dict]:
+    def run(batched: bool) -> tuple[float, float, float, dict]:
         contexts = {c.cid: ClientContext(c.cid, cfg.train.rounds, client_seed(cfg.seed, cfg.train.rounds, c.cid),
                                          c.train, tr, cfg) for c in fed.clients}
         embed_s[0] = 0.0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = evaluate_text(algo, tr, fed, finals, states, contexts, ttp=True, cross_client=batched)
-        return time.perf_counter() - t0, embed_s[0], res
+        return time.perf_counter() - t0, time.process_time() - c0, embed_s[0], res
 
     rows = sum(len(v) for v in fed.test_by_task.values()) * len(fed.clients)
     print(f"{len(fed.clients)} clients, {rows} TTP generations per mode, batch {cfg.eval.batch_size}, "
           f"max_new_tokens {cfg.eval.max_new_tokens}, torch threads {torch.get_num_threads()}", flush=True)
-    run(True)  # warm-up (first-call allocations), untimed
+    warm = [e.instruction for e in fed.clients[0].train[:2]]  # first-call allocations, untimed
+    tr.embed(warm, {"local": 1.0})
+    tr.generate(warm, {"global": 1.0})
     times: dict[str, list[dict[str, float]]] = {"client_after_client": [], "cross_client_batch": []}
     preds: dict[str, dict] = {}
     for rep in range(args.reps):
         for batched in ((False, True) if rep % 2 == 0 else (True, False)):
             label = "cross_client_batch" if batched else "client_after_client"
-            wall, emb, res = run(batched)
-            times[label].append({"wall_s": wall, "embed_s": emb})
+            wall, cpu, emb, res = run(batched)
+            times[label].append({"wall_s": wall, "cpu_s": cpu, "embed_s": emb})
             preds[label] = {cid: ev.predictions for cid, ev in res.items()}
-            print(f"rep {rep} {label:20s} wall {wall:7.1f} s  embed {emb:6.1f} s", flush=True)
+            print(f"rep {rep} {label:20s} wall {wall:7.1f} s  process CPU {cpu:7.1f} s  "
+                  f"embed (wall) {emb:6.1f} s", flush=True)
     same = preds["client_after_client"] == preds["cross_client_batch"]
     n_same = sum(
         p == preds["cross_client_batch"][cid][t][i]
