@@ -286,12 +286,19 @@ class TextTrainer:
             selected = batch_context(idx) if batch_context else contextlib.nullcontext()
             with self.adapters.mixing(weights), selected, self.autocast():
                 out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+                    input_ids=ids, attention_mask=mask, position_ids=positions,
+                    output_hidden_states=True, use_cache=False, **self._last_logits_only(),
                 )
             last = out.hidden_states[-1][:, -1, :]  # left padding: last column is the last token
             for j, i in enumerate(idx):
                 rows[i] = last[j].float()
         return torch.stack(rows)
+
+    def _last_logits_only(self) -> dict[str, int]:
+        """``logits_to_keep=1`` where the model takes it: an embedding pass needs hidden states,
+        and the output projection over every prompt position (B x T x vocab) is wasted work."""
+        base = self.model.get_base_model()
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
     def _on_device(self, mix: Mapping[str, Weight], idx: list[int]) -> dict[str, Weight]:
         """The batch's rows of per-instance mixing weights, on the model's device."""
