@@ -39,7 +39,6 @@ def train(msg: Message, context: Context) -> Message:
     node = open_node(f, context)
     rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
-    faults.maybe_stall(cid, rnd)  # test-only; no-op unless its env var is set
     faults.maybe_kill_node(cid, rnd)  # test-only, the same
     trainer = node.load_trainer()
     prep = node.prepare(trainer)

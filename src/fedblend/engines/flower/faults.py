@@ -1,9 +1,6 @@
 """Test-only fault injection for Flower deployments, switched on by environment variables
 that the deployment's daemons inherit. Never set them outside tests.
 
-- ``FEDBLEND_FAULT_STALL="<cid>:<round>:<seconds>"``: client ``cid``'s ClientApp sleeps that
-  long before training ``round``: a SuperNode that stalls mid-round (a SuperNode handles one
-  message at a time, so it answers its later messages only afterwards).
 - ``FEDBLEND_FAULT_KILL_NODE="<cid>:<round>"``: client ``cid``'s ClientApp SIGKILLs the SuperNode
   it runs under and everything the SuperNode started (its SuperExec, this ClientApp)
   before training ``round``: a node that dies mid-round and never answers again.
@@ -17,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 
-STALL_ENV = "FEDBLEND_FAULT_STALL"
 KILL_SERVER_ENV = "FEDBLEND_FAULT_KILL_SERVER"
 KILL_NODE_ENV = "FEDBLEND_FAULT_KILL_NODE"
 
@@ -32,12 +27,6 @@ def _spec(env: str) -> list[float] | None:
         return [float(x) for x in raw.split(":")]
     except ValueError:
         raise ValueError(f"{env}={raw!r}: expected numbers separated by ':'") from None
-
-
-def maybe_stall(cid: int, rnd: int) -> None:
-    spec = _spec(STALL_ENV)
-    if spec is not None and len(spec) == 3 and (int(spec[0]), int(spec[1])) == (cid, rnd):
-        time.sleep(spec[2])
 
 
 def maybe_kill_node(cid: int, rnd: int) -> None:
