@@ -8,7 +8,9 @@ Counted as *useful* work (LoRA adapters and attention score/value products exclu
   parameters of the decoder's linear layers (q, k, v, o, gate, up, down) and ``head`` = the
   output projection (vocab x hidden), counted only where the loss needs logits;
 - generation: ``2 x body x (prompt + generated tokens) + 2 x head x generated tokens``
-  (non-padding; a row's tokens after its EOS are padding).
+  (non-padding; a row's tokens after its EOS are padding); FedDPA's dynamic weighting adds
+  ``2 x body x embedded tokens`` (its forward over the test prompts and the client's reference
+  prompts, part of the method's inference; the bench JSON gives both parts).
 
 Efficiency = useful FLOPs / (wall seconds x measured peak FLOP/s).
 """

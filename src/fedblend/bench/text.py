@@ -97,13 +97,17 @@ def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
 
 class GenerationCounter:
     """Counts the non-padding prompt tokens and generated tokens of every ``generate`` call on
-    a model (a wrapper around the instance's method, removed on exit)."""
+    a model, and the non-padding tokens of forward passes made outside ``generate`` (FedDPA's
+    embedding pass for its instance-wise weights): wrappers around the instance's methods,
+    removed on exit."""
 
     def __init__(self, model: Any, eos_id: int | None, pad_id: int | None) -> None:
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.calls = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.embed_tokens = 0  # forward passes outside generate
+        self._generating = False
 
     def _add(self, ids: torch.Tensor | None, mask: torch.Tensor | None, out: Any) -> None:
         seqs = getattr(out, "sequences", out)
@@ -124,19 +128,34 @@ class GenerationCounter:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[GenerationCounter]:
-        original = self.model.generate
+        original, forward = self.model.generate, self.model.forward
 
         def generate(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
+            self._generating = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._generating = False
             ids = kwargs.get("input_ids", args[0] if args else None)
             self._add(ids, kwargs.get("attention_mask"), out)
             return out
 
+        def counted_forward(*args: Any, **kwargs: Any) -> Any:
+            if not self._generating:
+                mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+                if isinstance(mask, torch.Tensor):
+                    self.embed_tokens += int(mask.sum())
+                elif isinstance(ids, torch.Tensor):
+                    self.embed_tokens += int(ids.numel())
+            return forward(*args, **kwargs)
+
         self.model.generate = generate
+        self.model.forward = counted_forward
         try:
             yield self
         finally:
             del self.model.generate
+            del self.model.forward
 
 
 def has_cross_client_batch(cfg: ExperimentConfig) -> bool:
@@ -170,8 +189,13 @@ def evaluate_timed(s: Session, ttp: bool, cross_client_batch: bool | None = None
     finally:
         for k, v in saved.items():
             setattr(cfg.eval, k, v)
-    flops = eval_flops(s.counts, counter.prompt_tokens, counter.generated_tokens)
+    generation = eval_flops(s.counts, counter.prompt_tokens, counter.generated_tokens)
+    # FedDPA's dynamic weights need one forward over each test prompt and the client's reference
+    # prompts (hidden states only: the output projection runs at the last position)
+    embedding = 2.0 * s.counts.body * counter.embed_tokens
     return {"seconds": seconds, "generate_calls": counter.calls,
             "prompt_tokens": counter.prompt_tokens, "generated_tokens": counter.generated_tokens,
-            "flops": flops if counter.calls else None,
+            "embed_tokens": counter.embed_tokens,
+            "flops": generation + embedding if counter.calls else None,
+            "generation_flops": generation, "embedding_flops": embedding,
             "instances": ev.times.get("generated_instances")}
