@@ -39,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     node = open_node(f, context)
     rnd, cid = int(f[wire.ROUND]), int(f[wire.CID])  # type: ignore[arg-type]
     _check_cid(cid, node.cid)
-    faults.maybe_kill_node(cid, rnd)  # test-only, the same
+    faults.maybe_kill_node(cid, rnd)  # test-only; a no-op unless its env var is set
     trainer = node.load_trainer()
     prep = node.prepare(trainer)
     state, source, state_round = node.load_state(context, trainer, upto=rnd)
