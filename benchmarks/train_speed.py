@@ -11,8 +11,7 @@ optimisation at a time:
   computed at weight 0, random micro-batches, no checkpointing (main's code before issue 12);
 - ``+response``: logits only at the response positions (``logits_to_keep`` mask);
 - ``+skip``: the zero-weight ``local`` role left out of the LoRA layers;
-- ``+group``: each batch sorted by length and split into micro-batches by a padded-token
-  budget of micro-batch size x ``model.max_length`` (``train.group_by_length``);
+- ``+group``: each batch sorted by length before it is split into micro-batches;
 - ``+ckpt``: ``train.gradient_checkpointing = true`` on top of the others.
 
 Runs alternate between variants (round-robin, ``--repeats`` rounds), so a change in the
@@ -52,7 +51,7 @@ LABELS = {
     "base": "base (all off = main before issue 12)",
     "+response": "+ response-only logits",
     "+skip": "+ skip zero-weight local role",
-    "+group": "+ sorted by length, micro-batches by token budget (defaults)",
+    "+group": "+ length-grouped micro-batches (defaults)",
     "+ckpt": "+ gradient checkpointing",
 }
 
@@ -143,8 +142,7 @@ def worker(args) -> dict:
 
 
 def padding_by_grouping(args) -> dict:
-    """Padding fraction over all clients' micro-batches, with and without length grouping (and
-    its token-budget micro-batches),
+    """Padding fraction over all clients' micro-batches, with and without length grouping,
     under the trainer's batch sampling (per-epoch shuffle, ``random.Random(seed)``) for the
     config's own ``train.local_epochs`` (a replica of the loop in ``TextTrainer.train``)."""
     import math
@@ -172,12 +170,11 @@ def padding_by_grouping(args) -> dict:
                         order = list(range(n))
                         rng.shuffle(order)
                     idx.append(order.pop())
-                batch = [data[i] for i in idx]
+                lens = [len(data[i][0]) for i in idx]
                 if group:
-                    batch.sort(key=lambda item: len(item[0]))
-                tc.group_by_length = group
-                for chunk in tr._micro_batches(batch):  # the trainer's own split
-                    part = [len(ids) for ids, _ in chunk]
+                    lens.sort()
+                for s in range(0, len(lens), tc.micro_batch_size):
+                    part = lens[s : s + tc.micro_batch_size]
                     real, slots = real + sum(part), slots + len(part) * max(part)
         out["grouped" if group else "random"] = {"padding": 1 - real / slots, "slots": slots, "tokens": real}
     out["epochs"] = tc.local_epochs
