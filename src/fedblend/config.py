@@ -124,9 +124,8 @@ class TrainConfig(_Section):
     clients_per_round: int = Field(0, ge=0, description="0 = every client every round")
     min_clients: int = Field(1, ge=1, description="fewer valid updates than this: the round is skipped")
     group_by_length: bool = Field(
-        True, description="sort each batch's examples by length and split it into micro-batches by "
-        "a padded-token budget of micro_batch_size x model.max_length (same gradient, less padding, "
-        "fewer and larger products for short sequences)"
+        True, description="sort each batch's examples by length before splitting it into micro-batches "
+        "(same gradient, less padding)"
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute the frozen backbone's activations in the backward pass "

@@ -129,8 +129,9 @@ class TextTrainer:
                     n_tokens = sum(sum(1 for t in y if t != -100) for _, y in batch)
                     opt.zero_grad(set_to_none=True)
                     total = 0.0
-                    for chunk in self._micro_batches(batch):
-                        ids, labels, mask = self._collate(chunk)
+                    micro = min(tc.micro_batch_size, tc.batch_size)
+                    for s in range(0, len(batch), micro):
+                        ids, labels, mask = self._collate(batch[s : s + micro])
                         loss_sum = self._loss_sum(ids, labels, mask)
                         loss = loss_sum / n_tokens
                         if prox is not None and prox[0] > 0:
@@ -155,24 +156,6 @@ class TextTrainer:
             "steps": steps,
             "examples": n,
         }
-
-    def _micro_batches(self, batch: list) -> list[list]:
-        """Split an optimizer batch into micro-batches: ``train.micro_batch_size`` examples each,
-        or, with ``train.group_by_length`` (the batch is sorted by length), as many examples as
-        fit a padded-token budget of ``micro_batch_size x model.max_length`` (the worst case the
-        fixed count allows), so short sequences run in fewer, larger matrix products."""
-        tc = self.cfg.train
-        micro = min(tc.micro_batch_size, tc.batch_size)
-        if not tc.group_by_length:
-            return [batch[s : s + micro] for s in range(0, len(batch), micro)]
-        budget = micro * self.cfg.model.max_length
-        out: list[list] = []
-        for item in batch:
-            if out and len(item[0]) * (len(out[-1]) + 1) <= budget:
-                out[-1].append(item)  # sorted ascending: this item is the chunk's widest
-            else:
-                out.append([item])
-        return out
 
     def _prepare_training(self) -> None:
         """Once: probe whether the model computes logits at chosen positions only, and turn
