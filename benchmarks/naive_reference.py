@@ -60,7 +60,19 @@ def tokenize_fn(tok: Any, max_len: int):
 
 def run_naive(cfg: Any, workdir: Path) -> dict[str, Any]:
     """Run ``cfg.train.rounds`` naive FedAvg rounds over every client; per-round seconds (the
-    whole client loop and the server's FedAvg through disk) and training losses."""
+    whole client loop and the server's FedAvg through disk) and training losses. Hugging Face's
+    ``Trainer`` sets the process-wide transformers log level from ``log_level``; it is put back
+    afterwards, so the rest of the process logs as before."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        return _run_naive(cfg, workdir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _run_naive(cfg: Any, workdir: Path) -> dict[str, Any]:
     import datasets
     from peft import (
         LoraConfig,
