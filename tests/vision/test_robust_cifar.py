@@ -17,11 +17,15 @@ deviation: with it the median / trimmed mean lost 13.5 / 15.5 points instead of 
 Measured at exactly these settings (seed 0, 500 test images): clean 0.384, attacked FedAvg
 0.100 (-28.4 points), median 0.308 (-7.6), trimmed mean 0.306 (-7.8); seed 1: clean 0.396,
 FedAvg 0.100 (-29.6), median 0.310 (-8.6), trimmed mean 0.312 (-8.4). The issue's "within 5
-points" did not hold at any small scale tried (n_max 40-200, 6-10 rounds, attention or
-residual adapter, trained or fixed head, balanced loss: the best was -4.5 / -5.5 at one seed
-and -8.4 / -8.6 at the next), so the bound asserted for the robust rules is 10 points: the
-coordinate-wise rules stop where the lower-ranked honest updates stop, which under Dirichlet
-label skew is short of FedAvg's clean optimum."""
+points" does not hold for these two rules, here or at any setting tried (benchmarks/results/
+trust.md: 64 and 96 px features, 40-500 images per class, 1-2 local epochs, 6-20 rounds, lr
+1e-3 to 1e-2, trained or fixed head: -4.0 to -17.3 points, never within 5 at both seeds). It
+cannot by construction: when the honest deltas of a coordinate share a sign, the three flipped
+ones sit below all seven of them, so the median of the ten is the mean of the 2nd and 3rd
+smallest honest values and the 0.3-trimmed mean the mean of the 4 smallest, a lower quantile
+whose fixed point is not FedAvg's; without the attack the same rules lose only 1.6 / 1.2
+points, and FedAvg over the 7 honest clients alone 3.6. So the bound asserted for them is 10
+points; Multi-Krum (-3.0 / -2.6) is the rule that meets 5."""
 
 from __future__ import annotations
 
