@@ -49,6 +49,8 @@ def scenarios(clip: float) -> dict[str, list[str]]:
         "honest only": ["attack.kind='scale'", "attack.clients=[0, 1, 2]", "attack.scale=1e-9"],
         "attacked median": [*ATTACK, "aggregate.rule='median'"],
         "attacked trimmed_mean": [*ATTACK, "aggregate.rule='trimmed_mean'", "aggregate.trim_ratio=0.3"],
+        # honest delta norms here are 3.6-7.4, the x10 flipped ones 34-58
+        "attacked fedavg + norm bound 15": [*ATTACK, "aggregate.max_update_norm=15"],
         "attacked krum": [*ATTACK, "aggregate.rule='krum'", "aggregate.krum_f=3"],
         "attacked multi_krum": [*ATTACK, "aggregate.rule='multi_krum'", "aggregate.krum_f=3"],
         "dp z=0.5": [f"privacy.clip={clip}", "privacy.noise_multiplier=0.5"],
