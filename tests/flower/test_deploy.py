@@ -34,9 +34,13 @@ def test_fedit_deployment_matches_inprocess(tmp_path: Path) -> None:
 
 
 def test_failed_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
-    # a config the nodes cannot build: the ServerApp fails, `flwr run` still exits 0
+    # a config the node cannot build: its reply is an error, the ServerApp fails the run
+    # (`flwr run` still exits 0). One client for one SuperNode: with TINY_OVERRIDES' two
+    # clients the ServerApp waited 300 s for a second SuperNode and failed for that instead.
     with pytest.raises(Exception, match="failed|not finished"):
-        deploy_local(TINY, 1, [*TINY_OVERRIDES, "lora.target_modules=['nope']"],
+        deploy_local(TINY, 1, [*TINY_OVERRIDES, "data.num_clients=1", "lora.target_modules=['nope']"],
                      tmp_path / "bad", work=tmp_path / "work", timeout=480)
     assert LocalDeployment(1, tmp_path / "work").processes() == []
-    assert json.loads((tmp_path / "bad" / "status.json").read_text())["status"] == "failed"
+    status = json.loads((tmp_path / "bad" / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert "nope" in status["error"] or "target" in status["error"], status["error"]
