@@ -104,3 +104,36 @@ def test_ctrl_c_prints_the_resume_hint_that_works(tmp_path: Path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["resumed_at_round"] == 1
     assert resume_command(["run", "c.toml"], tmp_path / "none") == \
         f"fedblend run c.toml --out {tmp_path / 'none'} --resume"
+
+
+def test_sigterm_during_compare_says_how_to_continue(tmp_path: Path, monkeypatch):
+    """SIGTERM in a multi-run command: the run under way is marked interrupted, the finished
+    ones stay, stderr gives the command that continues, and that command finishes."""
+    from fedblend.signals import Interrupted
+
+    original = RunDir.save_checkpoint
+    calls = []
+
+    def preempted(self, rounds_completed, *a, **kw):
+        original(self, rounds_completed, *a, **kw)
+        calls.append(self.path)
+        if len(calls) == 3:  # the second seed's first checkpoint (tiny: 2 rounds per run)
+            raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", preempted)
+    out = tmp_path / "c"
+    base = ["compare", TINY, "--set", "engine.progress=false", "--out", str(out), "--seeds", "2"]
+    runner = CliRunner()
+    res = runner.invoke(app, base)
+    assert res.exit_code == 143, res.output
+    hint = " ".join(res.output.split())
+    assert f"interrupted (SIGTERM); finished runs are kept, continue with: fedblend {' '.join(base)} --resume" in hint
+    seed_dirs = sorted((out / "fedit").iterdir())
+    assert [d.name for d in seed_dirs] == ["seed_7", "seed_8"]  # the tiny config's seed 7, then 8
+    assert RunDir(seed_dirs[0]).complete
+    assert json.loads((seed_dirs[1] / "status.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    resumed = runner.invoke(app, [*base, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "reused 1 finished run(s)" in " ".join(resumed.output.split())
+    assert json.loads((seed_dirs[1] / "summary.json").read_text())["resumed_at_round"] == 1

@@ -3,8 +3,11 @@ TriplePlay/FedCLIP on frozen image features), run, compared, re-evaluated and re
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +25,30 @@ from fedblend.errors import FedblendError
 # suggest_commands=False: click itself now says "Did you mean 'run'?"; typer's copy doubled it
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, suggest_commands=False)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")]
+
+
+def _sets(set_: list[str] | None) -> list[str]:
+    return [a for o in set_ or [] for a in ("--set", o)]
+
+
+@contextlib.contextmanager
+def _interruptible(argv: list[str], resume_flag: bool = True) -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption) or Ctrl-C during a command that runs several
+    experiments (compare, demo, reproduce, run --seeds): the run under way says
+    ``interrupted`` in its status.json (RunDir), finished runs stay, and stderr gives the
+    command that continues (with ``--resume`` where the command has it; demo and reproduce
+    always reuse finished runs and resume unfinished ones)."""
+    from fedblend.signals import Interrupted, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as e:
+        sig = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
+        cmd = shlex.join(["fedblend", *argv, *(["--resume"] if resume_flag else [])])
+        err_console.print(f"interrupted ({sig}); finished runs are kept, continue with:\n  {cmd}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
 
 
 @app.command()
@@ -43,13 +70,15 @@ def run(
         if seeds:
             from fedblend.compare import run_compare, seed_list
 
-            result = run_compare([cfg], out_dir, resume=resume, seeds=seed_list(cfg.seed, seeds), flat=True)
+            argv = ["run", str(config), "--out", str(out_dir), *_sets(set_), "--seeds", str(seeds)]
+            with _interruptible(argv):
+                result = run_compare([cfg], out_dir, resume=resume, seeds=seed_list(cfg.seed, seeds), flat=True)
         else:
             try:
                 with sigterm_interrupts():
                     summary = run_experiment(cfg, out_dir, resume=resume)
             except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
-                argv = ["run", str(config), "--out", str(out_dir)] + [a for o in set_ or [] for a in ("--set", o)]
+                argv = ["run", str(config), "--out", str(out_dir), *_sets(set_)]
                 hint = record_interrupt(out_dir, argv, "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
                 err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
@@ -186,8 +215,11 @@ def compare(
     with user_errors():
         cfgs = load_configs(configs, set_ or [])
         before = _finished_runs(out)
-        result = run_compare(cfgs, out, resume=resume,
-                             seeds=seed_list(cfgs[0].seed, seeds) if seeds else None)
+        argv = ["compare", *map(str, configs), *_sets(set_), "--out", str(out),
+                *(["--seeds", str(seeds)] if seeds else [])]
+        with _interruptible(argv):
+            result = run_compare(cfgs, out, resume=resume,
+                                 seeds=seed_list(cfgs[0].seed, seeds) if seeds else None)
     _say_reused(before, out)
     _print_compare(result, out)
 
@@ -205,7 +237,9 @@ def demo(
     with user_errors():
         cfgs = demo_configs(set_ or [])
         before = _finished_runs(out)
-        result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, seeds or DEMO_SEEDS))
+        argv = ["demo", *_sets(set_), "--out", str(out), *(["--seeds", str(seeds)] if seeds else [])]
+        with _interruptible(argv, resume_flag=False):
+            result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, seeds or DEMO_SEEDS))
     _say_reused(before, out)
     _print_compare(result, out)
 
@@ -244,7 +278,9 @@ def reproduce(
     from fedblend.reproduce import reproduce as run_reproduce
 
     out_dir = out or Path("runs") / f"reproduce-{paper}-{budget}"
-    with user_errors():
+    argv = ["reproduce", paper, "--budget", budget, "--out", str(out_dir), *_sets(set_),
+            *(["--seeds", str(seeds)] if seeds else [])]
+    with user_errors(), _interruptible(argv, resume_flag=False):
         doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)),
                             n_seeds=seeds)
     t = Table(title=f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)")
