@@ -171,7 +171,7 @@ class TextTrainer:
     def _logits_to_keep_works(self) -> bool:
         """True if the model's forward takes ``logits_to_keep`` as a boolean (batch, seq) mask
         (transformers' ``slice_logits_to_keep``) and gives the full forward's logits there."""
-        if not self._takes_logits_to_keep():
+        if not self._takes_logits_to_keep:
             return False
         ids, _, mask = self._collate([([self.eos_id] * 3, [-100] * 3)])
         keep = torch.tensor([[True, False, True]], device=ids.device)
@@ -297,11 +297,12 @@ class TextTrainer:
     def _last_logits_only(self) -> dict[str, int]:
         """``logits_to_keep=1`` where the model takes it: an embedding pass needs hidden states,
         and the output projection over every prompt position (B x T x vocab) is wasted work."""
-        return {"logits_to_keep": 1} if self._takes_logits_to_keep() else {}
+        return {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
 
-    @functools.cache  # noqa: B019 - one answer per trainer, which lives as long as its model
+    @functools.cached_property
     def _takes_logits_to_keep(self) -> bool:
-        """Whether the backbone's forward has a ``logits_to_keep`` argument (asked once)."""
+        """Whether the backbone's forward has a ``logits_to_keep`` argument (asked once per
+        trainer; kept on the instance, so the trainer and its model are freed with it)."""
         return "logits_to_keep" in inspect.signature(self.model.get_base_model().forward).parameters
 
     def _on_device(self, mix: Mapping[str, Weight], idx: list[int]) -> dict[str, Weight]:
