@@ -32,22 +32,26 @@ def _sets(set_: list[str] | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def _interruptible(argv: list[str], resume_flag: bool = True) -> Iterator[None]:
-    """SIGTERM (a scheduler's preemption) or Ctrl-C during a command that runs several
-    experiments (compare, demo, reproduce, run --seeds): the run under way says
-    ``interrupted`` in its status.json (RunDir), finished runs stay, and stderr gives the
-    command that continues (with ``--resume`` where the command has it; demo and reproduce
-    always reuse finished runs and resume unfinished ones)."""
-    from fedblend.signals import Interrupted, sigterm_interrupts
+def _interruptible(argv: list[str], out: Path, one_run: bool = False, resume_flag: bool = True) -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption) or Ctrl-C while experiments run: the run under way
+    says ``interrupted`` in its status.json (RunDir) and stderr gives the command that
+    continues, then exit 143 / 130. For ``one_run`` (``fedblend run`` into ``out``) that
+    command also goes into its status.json; otherwise (compare, demo, reproduce, run --seeds) finished runs
+    stay, and the command is ``argv`` with ``--resume`` where it has that flag (demo and
+    reproduce always reuse finished runs and resume unfinished ones)."""
+    from fedblend.signals import Interrupted, record_interrupt, resume_command, sigterm_interrupts
 
     try:
         with sigterm_interrupts():
             yield
     except KeyboardInterrupt as e:
         sig = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
-        cmd = shlex.join(["fedblend", *argv, *(["--resume"] if resume_flag else [])])
-        err_console.print(f"interrupted ({sig}); finished runs are kept, continue with:\n  {cmd}",
-                          highlight=False, soft_wrap=True)
+        if one_run:
+            hint = record_interrupt(out, argv, sig) or "interrupted"
+        else:
+            cmd = resume_command(argv, out) if resume_flag else shlex.join(["fedblend", *argv])
+            hint = f"interrupted ({sig}); finished runs are kept, continue with:\n  {cmd}"
+        err_console.print(hint, highlight=False, soft_wrap=True)
         raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
 
 
@@ -62,26 +66,19 @@ def run(
     """Run one experiment and write its run directory (with --seeds N: DIR/seed_<s>/ each)."""
     from fedblend.config import load_config
     from fedblend.experiment import run_experiment
-    from fedblend.signals import Interrupted, record_interrupt, sigterm_interrupts
 
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
+        argv = ["run", str(config), "--out", str(out_dir), *_sets(set_)]
         if seeds:
             from fedblend.compare import run_compare, seed_list
 
-            argv = ["run", str(config), "--out", str(out_dir), *_sets(set_), "--seeds", str(seeds)]
-            with _interruptible(argv):
+            with _interruptible([*argv, "--seeds", str(seeds)], out_dir):
                 result = run_compare([cfg], out_dir, resume=resume, seeds=seed_list(cfg.seed, seeds), flat=True)
         else:
-            try:
-                with sigterm_interrupts():
-                    summary = run_experiment(cfg, out_dir, resume=resume)
-            except KeyboardInterrupt as e:  # status.json says interrupted; say how to resume
-                argv = ["run", str(config), "--out", str(out_dir), *_sets(set_)]
-                hint = record_interrupt(out_dir, argv, "SIGTERM" if isinstance(e, Interrupted) else "SIGINT")
-                err_console.print(hint or "interrupted", highlight=False, soft_wrap=True)
-                raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
+            with _interruptible(argv, out_dir, one_run=True):
+                summary = run_experiment(cfg, out_dir, resume=resume)
     if seeds:
         _print_compare(result, out_dir)
         return
@@ -217,7 +214,7 @@ def compare(
         before = _finished_runs(out)
         argv = ["compare", *map(str, configs), *_sets(set_), "--out", str(out),
                 *(["--seeds", str(seeds)] if seeds else [])]
-        with _interruptible(argv):
+        with _interruptible(argv, out):
             result = run_compare(cfgs, out, resume=resume,
                                  seeds=seed_list(cfgs[0].seed, seeds) if seeds else None)
     _say_reused(before, out)
@@ -238,7 +235,7 @@ def demo(
         cfgs = demo_configs(set_ or [])
         before = _finished_runs(out)
         argv = ["demo", *_sets(set_), "--out", str(out), *(["--seeds", str(seeds)] if seeds else [])]
-        with _interruptible(argv, resume_flag=False):
+        with _interruptible(argv, out, resume_flag=False):
             result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, seeds or DEMO_SEEDS))
     _say_reused(before, out)
     _print_compare(result, out)
@@ -280,7 +277,7 @@ def reproduce(
     out_dir = out or Path("runs") / f"reproduce-{paper}-{budget}"
     argv = ["reproduce", paper, "--budget", budget, "--out", str(out_dir), *_sets(set_),
             *(["--seeds", str(seeds)] if seeds else [])]
-    with user_errors(), _interruptible(argv, resume_flag=False):
+    with user_errors(), _interruptible(argv, out_dir, resume_flag=False):
         doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)),
                             n_seeds=seeds)
     t = Table(title=f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)")
