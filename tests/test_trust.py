@@ -11,7 +11,8 @@ import torch
 
 from fedblend.aggregation import robust
 from fedblend.aggregation.validate import problem, screen
-from fedblend.algorithms.base import Algorithm, ClientContext, State
+from fedblend.algorithms import make_algorithm
+from fedblend.algorithms.base import MOMENTUM, Algorithm, ClientContext, State
 from fedblend.algorithms.wrappers import TrustWrapper, wrap_algorithm
 from fedblend.comm import compress as cz
 from fedblend.comm.codec import Message, decode, encode
@@ -297,3 +298,29 @@ def test_malformed_compressed_update_is_rejected():
     msg.tensors["global"].pop("a@scale")
     accepted, rejected = screen({4: msg}, server, ("global",), 0.0)
     assert not accepted and rejected[4].startswith("malformed compressed update (KeyError")
+
+
+def test_server_momentum_steps_text_algorithms_after_any_rule():
+    # train.server_lr / server_momentum used to be applied by the vision algorithms only; a
+    # text run (and any robust rule, through the trust wrapper) silently ignored them
+    def updates(*vals):
+        return {i: Message({"global": {"w": torch.tensor([v])}}, n) for i, (v, n) in enumerate(vals)}
+
+    start = {"global": {"w": torch.tensor([0.0])}}
+    for algorithm, extra in (("fedit", {}), ("feddpa_t", {}), ("fedit", {"aggregate": {"rule": "median"}})):
+        cfg = config_from_dict({"algorithm": algorithm, "train": {"server_lr": 0.5, "server_momentum": 0.5},
+                                **extra})
+        algo = make_algorithm(cfg)
+        # round 0: mean (fedavg 2.5, median of {1, 3} = 2) -> d; m = d; new = 0 + 0.5 d
+        d0 = 2.0 if extra else 2.5
+        s1 = algo.aggregate(0, updates((1.0, 1), (3.0, 3)), start)
+        assert torch.allclose(s1["global"]["w"], torch.tensor([0.5 * d0])), (algorithm, extra)
+        assert torch.allclose(s1[MOMENTUM + "global"]["w"], torch.tensor([d0]))
+        # round 1: every client returns what it got (d 0): the momentum alone moves it on
+        s2 = algo.aggregate(1, updates((0.5 * d0, 1), (0.5 * d0, 1)), s1)
+        assert torch.allclose(s2["global"]["w"], torch.tensor([0.5 * d0 + 0.5 * 0.5 * d0]))
+        assert list(algo.configure_round(2, s2, [0])[0].tensors) == ["global"]  # the buffer stays
+    # the defaults leave FedAvg untouched, with no extra state
+    plain = make_algorithm(config_from_dict({"algorithm": "fedit"}))
+    s = plain.aggregate(0, updates((1.0, 1), (3.0, 3)), start)
+    assert torch.allclose(s["global"]["w"], torch.tensor([2.5])) and list(s) == ["global"]

@@ -144,8 +144,8 @@ class TrainConfig(_Section):
     )
     # FedProx
     prox_mu: float = Field(0.0, ge=0)
-    # server optimizer on the averaged update (FedAvgM, Hsu et al. 2019); the vision adapter
-    # algorithms (fedclip, fedavg_adapter, fedprox, tripleplay, linear_probe) apply it
+    # server optimizer on the aggregated update (FedAvgM, Hsu et al. 2019): every algorithm with
+    # shared roles applies it to them, after FedAvg or the robust rule / DP of [aggregate]
     server_lr: float = Field(1.0, gt=0, le=10, description="server step on the averaged client delta")
     server_momentum: float = Field(
         0.0, ge=0, lt=1, description="FedAvgM server momentum on the averaged delta; 0 = plain FedAvg"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedblend.algorithms.fedclip import MOMENTUM, FedCLIP, server_step
+from fedblend.algorithms.base import MOMENTUM, server_step
+from fedblend.algorithms.fedclip import FedCLIP
 from fedblend.comm.codec import Message
 from fedblend.config import config_from_dict
 
@@ -14,13 +15,14 @@ from fedblend.config import config_from_dict
 def test_server_step_is_fedavgm_and_leaves_the_statistics_averaged():
     old = {"w": torch.tensor([1.0, 2.0]), "norm_mean": torch.tensor([0.0, 0.0])}
     avg1 = {"w": torch.tensor([2.0, 0.0]), "norm_mean": torch.tensor([0.5, 0.1])}
-    new1, m1 = server_step(old, avg1, None, lr=0.5, beta=0.9)
+    stats = frozenset({"norm_mean"})
+    new1, m1 = server_step(old, avg1, None, lr=0.5, beta=0.9, plain=stats)
     # d = avg - old = [1, -2]; m = d; new = old + 0.5 m
     assert torch.allclose(m1["w"], torch.tensor([1.0, -2.0]))
     assert torch.allclose(new1["w"], torch.tensor([1.5, 1.0]))
     assert torch.equal(new1["norm_mean"], avg1["norm_mean"]) and "norm_mean" not in m1
     avg2 = {"w": torch.tensor([1.5, 2.0]), "norm_mean": torch.tensor([0.4, 0.2])}
-    new2, m2 = server_step(new1, avg2, m1, lr=0.5, beta=0.9)
+    new2, m2 = server_step(new1, avg2, m1, lr=0.5, beta=0.9, plain=stats)
     # d = [0, 1]; m = 0.9 [1, -2] + [0, 1] = [0.9, -0.8]; new = [1.5, 1] + 0.5 m
     assert torch.allclose(m2["w"], torch.tensor([0.9, -0.8]))
     assert torch.allclose(new2["w"], torch.tensor([1.95, 0.6]))

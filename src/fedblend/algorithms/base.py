@@ -6,7 +6,8 @@ An algorithm is a small object with pure hooks. Engines call them in this order:
    ``init_client_state(trainer, cid)`` once per client, on the client.
 2. Each round: ``configure_round`` (server: one payload per selected client) ->
    ``local_update`` (client: returns an update and its new private state) ->
-   ``aggregate`` (server: new server state from the decoded updates).
+   ``aggregate`` (server: new server state from the decoded updates; its mean goes through
+   ``server_update``, the FedAvgM step of ``train.server_lr`` / ``train.server_momentum``).
 3. After the last round: ``final_payload`` (server -> every client), then
    ``finish_client`` (client; e.g. FedDPA-F's local fine-tuning), then evaluation on the
    client with ``eval_adapters`` and ``eval_mix``.
@@ -32,6 +33,25 @@ from fedblend.config import ExperimentConfig
 
 State = dict[str, Tensors]
 
+MOMENTUM = "server_momentum."  # server-state key prefix of a role's momentum buffer (never sent)
+
+
+def server_step(old: Tensors, avg: Tensors, momentum: Tensors | None, lr: float, beta: float,
+                plain: frozenset[str] = frozenset()) -> tuple[Tensors, Tensors | None]:
+    """FedAvgM (Hsu et al. 2019): ``d = avg - old``, ``m = beta m + d``, ``new = old + lr m``.
+    Tensors named in ``plain`` (statistics, not weights) and new tensors take ``avg`` as is."""
+    new, mom = {}, {} if beta > 0 else None
+    for k, w in avg.items():
+        if k in plain or k not in old:
+            new[k] = w
+            continue
+        d = w - old[k]
+        if mom is not None:
+            d = beta * momentum[k] + d if momentum is not None and k in momentum else d
+            mom[k] = d
+        new[k] = old[k] + lr * d
+    return new, mom
+
 
 @dataclass
 class ClientContext:
@@ -56,6 +76,7 @@ class Algorithm(ABC):
     name: str = "?"
     shared_roles: tuple[str, ...] = ("global",)
     pools_data: bool = False  # True: train one model on the pooled data (centralized)
+    plain_average_keys: frozenset[str] = frozenset()  # tensors the server step leaves averaged
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -77,13 +98,32 @@ class Algorithm(ABC):
         ...
 
     def aggregate(self, rnd: int, updates: dict[int, Message], server_state: State) -> State:
-        """FedAvg of every shared role, weighted by example count."""
+        """FedAvg of every shared role, weighted by example count, then :meth:`server_update`."""
         new = dict(server_state)
         for role in self.shared_roles:
             items = [(u.tensors[role], float(u.num_examples)) for u in updates.values() if role in u.tensors]
             if items:
                 new[role] = weighted_mean(items)
-        return new
+        return self.server_update(new, server_state)
+
+    def server_update(self, new: State, server_state: State) -> State:
+        """The server optimizer on the aggregate ``new`` of the round that started from
+        ``server_state``: with ``train.server_lr`` / ``train.server_momentum`` the FedAvgM step
+        on every shared role's delta (its momentum buffer stays in the server state, under
+        :data:`MOMENTUM` + role); at the defaults (1, 0) ``new`` unchanged. Every aggregation
+        path (FedAvg here, the robust rules and DP in the trust wrapper) ends here."""
+        tc = self.cfg.train
+        if tc.server_lr == 1.0 and tc.server_momentum == 0.0:
+            return new
+        out = dict(new)
+        for role in self.shared_roles:
+            if role in new and role in server_state and new[role] is not server_state[role]:
+                key = MOMENTUM + role
+                out[role], mom = server_step(server_state[role], new[role], server_state.get(key),
+                                             tc.server_lr, tc.server_momentum, self.plain_average_keys)
+                if mom is not None:
+                    out[key] = mom
+        return out
 
     # ---- after training -------------------------------------------------------------------
     def final_payload(self, server_state: State) -> Message:

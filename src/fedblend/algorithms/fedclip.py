@@ -8,35 +8,11 @@ a private ``local`` adapter (FedDPA-style) and predicts with both.
 
 from __future__ import annotations
 
-import torch
-
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.algorithms.local import Local
 from fedblend.comm.codec import Message
 from fedblend.errors import ConfigError
 from fedblend.vision.heads import STATS
-
-Tensors = dict[str, torch.Tensor]
-
-
-MOMENTUM = "server_momentum."  # server-state key prefix of a role's momentum buffer (not sent)
-
-
-def server_step(old: Tensors, avg: Tensors, momentum: Tensors | None, lr: float,
-                beta: float) -> tuple[Tensors, Tensors | None]:
-    """FedAvgM (Hsu et al. 2019): ``d = avg - old``, ``m = beta m + d``, ``new = old + lr m``.
-    The feature-standardisation statistics are not weights: they take the plain average."""
-    new, mom = {}, {} if beta > 0 else None
-    for k, w in avg.items():
-        if k in STATS or k not in old:
-            new[k] = w
-            continue
-        d = w - old[k]
-        if mom is not None:
-            d = beta * momentum[k] + d if momentum is not None and k in momentum else d
-            mom[k] = d
-        new[k] = old[k] + lr * d
-    return new, mom
 
 
 class FedCLIP(Algorithm):
@@ -44,6 +20,7 @@ class FedCLIP(Algorithm):
 
     name = "fedclip"
     shared_roles = ("global",)
+    plain_average_keys = frozenset(STATS)  # feature standardisation: averaged, not stepped
     prox_mu = 0.0
 
     @property
@@ -71,22 +48,6 @@ class FedCLIP(Algorithm):
             tr.train("local", ctx.examples, self.cfg.train.local_epochs, ctx.seed + 1, synthetic=syn)
             state["local"] = tr.adapters.get("local")
         return Message({"global": tr.adapters.get("global")}, len(ctx.examples), stats), state
-
-    def aggregate(self, rnd: int, updates: dict[int, Message], server_state: State) -> State:
-        """FedAvg, or with ``train.server_lr`` / ``train.server_momentum`` the FedAvgM server
-        step on the averaged delta of every shared role (see :func:`server_step`)."""
-        new = super().aggregate(rnd, updates, server_state)
-        tc = self.cfg.train
-        if tc.server_lr == 1.0 and tc.server_momentum == 0.0:
-            return new
-        for role in self.shared_roles:
-            if role in new and role in server_state:
-                key = MOMENTUM + role
-                new[role], mom = server_step(server_state[role], new[role], server_state.get(key),
-                                             tc.server_lr, tc.server_momentum)
-                if mom is not None:
-                    new[key] = mom
-        return new
 
     def update_steps(self, n_examples: int, rnd: int, trainer) -> int:
         return trainer.train_steps(n_examples, self.cfg.train.local_epochs)

@@ -11,7 +11,8 @@ client side (``local_update``), on the delta of each shared role against the pay
 
 server side (``aggregate``), on decompressed, validated updates (see
 :func:`fedblend.aggregation.validate.screen`): per-update delta clipping
-(``aggregate.clip_norm``), the rule (``aggregate.rule``), then DP noise on the mean.
+(``aggregate.clip_norm``), the rule (``aggregate.rule``), then DP noise on the mean, then the
+algorithm's server step (``train.server_lr`` / ``server_momentum``).
 
 Everything the wrapped algorithm does not define is delegated to it unchanged.
 """
@@ -139,4 +140,4 @@ class TrustWrapper:
         self.last_aggregation = info
         new = dict(server_state)
         new.update(_apply(ref, mean, ref))
-        return new
+        return self._a.server_update(new, server_state)
