@@ -143,14 +143,12 @@ def worker(args) -> dict:
 
 def padding_by_grouping(args) -> dict:
     """Padding fraction over all clients' micro-batches, with and without length grouping,
-    under the trainer's batch sampling (per-epoch shuffle, ``random.Random(seed)``) for the
-    config's own ``train.local_epochs`` (a replica of the loop in ``TextTrainer.train``)."""
-    import math
-
+    under the trainer's own batch sampling (``sample_batches``) for the config's own
+    ``train.local_epochs``."""
     from fedblend.algorithms.base import client_seed
     from fedblend.backbones.text import load_text_backbone
     from fedblend.data.federation import build_federation
-    from fedblend.trainers.text import TextTrainer
+    from fedblend.trainers.text import TextTrainer, sample_batches
 
     cfg = _config(args, [])
     tc, fed = cfg.train, build_federation(cfg)
@@ -161,15 +159,8 @@ def padding_by_grouping(args) -> dict:
         real = slots = 0
         for c in fed.clients:
             data = tr.tokenize(c.cid, c.train)
-            n, order = len(data), []
             rng = random.Random(client_seed(cfg.seed, 0, c.cid))
-            for _ in range(max(1, math.ceil(tc.local_epochs * n / tc.batch_size))):
-                idx = []
-                while len(idx) < min(tc.batch_size, n):
-                    if not order:
-                        order = list(range(n))
-                        rng.shuffle(order)
-                    idx.append(order.pop())
+            for idx in sample_batches(len(data), tc.batch_size, tr.train_steps(len(data), tc.local_epochs), rng):
                 lens = [len(data[i][0]) for i in idx]
                 if group:
                     lens.sort()

@@ -126,3 +126,18 @@ def test_length_grouping_gives_the_same_update():
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
     for k, v in out[True][1].items():
         torch.testing.assert_close(v, out[False][1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_sample_batches_cover_each_epoch_once_and_run_on_into_the_next():
+    import random
+
+    from fedblend.trainers.text import sample_batches
+
+    batches = list(sample_batches(5, 4, 5, random.Random(0)))  # 4 epochs of 5 in 5 batches of 4
+    assert [len(b) for b in batches] == [4] * 5
+    flat = [i for b in batches for i in b]
+    for e in range(4):
+        assert sorted(flat[5 * e : 5 * e + 5]) == list(range(5))  # every example once per epoch
+    assert batches == list(sample_batches(5, 4, 5, random.Random(0)))  # seeded
+    assert list(sample_batches(3, 8, 2, random.Random(1))) and all(
+        sorted(b) == [0, 1, 2] for b in sample_batches(3, 8, 2, random.Random(1)))  # batch > n

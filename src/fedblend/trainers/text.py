@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -95,7 +95,7 @@ class TextTrainer:
         tc = self.cfg.train
         data = self.tokenize(key, examples)
         n = len(data)
-        steps = max(1, math.ceil(epochs * n / tc.batch_size))
+        steps = self.train_steps(n, epochs)
         rng = random.Random(seed)
         torch.manual_seed(seed)
         self.adapters.set_trainable(trainable, frozen)
@@ -111,19 +111,12 @@ class TextTrainer:
             return max(0.0, (steps - step) / max(1, steps - warm))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        order: list[int] = []
         losses: list[float] = []
         self._prepare_training()
         self.model.train()
         try:
             with self.adapters.mixing(mix):
-                for _ in range(steps):
-                    batch_idx = []
-                    while len(batch_idx) < min(tc.batch_size, n):
-                        if not order:
-                            order = list(range(n))
-                            rng.shuffle(order)
-                        batch_idx.append(order.pop())
+                for batch_idx in sample_batches(n, tc.batch_size, steps, rng):
                     batch = [data[i] for i in batch_idx]
                     if tc.group_by_length:  # same batch, same gradient sum; less padding
                         batch.sort(key=lambda item: len(item[0]))
@@ -335,6 +328,20 @@ class TextTrainer:
             finally:
                 self._known = known
         return torch.stack([rows[t] for t in instructions])
+
+
+def sample_batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
+    """The example indices of each of ``steps`` batches: epochs of a fresh ``rng`` shuffle,
+    drawn from the end, a batch running on into the next epoch's shuffle."""
+    order: list[int] = []
+    for _ in range(steps):
+        idx: list[int] = []
+        while len(idx) < min(batch_size, n):
+            if not order:
+                order = list(range(n))
+                rng.shuffle(order)
+            idx.append(order.pop())
+        yield idx
 
 
 def _sq_dist(adapters: DualLoRA, roles: Sequence[str], ref: Mapping[str, torch.Tensor]) -> torch.Tensor:
