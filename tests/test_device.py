@@ -138,6 +138,7 @@ def test_deploy_gpus_pins_each_supernode_round_robin():
     assert [gpu_env([0, 2], i) for i in range(3)] == [
         {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "0"}]
     assert gpu_env([], 1) == {}
+    assert gpu_env([2, 3], None) == {"CUDA_VISIBLE_DEVICES": "2"}  # the SuperLink / ServerApp
     check_gpus([0, 1], available=2)
     with pytest.raises(FedblendError, match="--gpus: GPU 2 does not exist; this machine has 2"):
         check_gpus([0, 2], available=2)

@@ -44,3 +44,16 @@ def test_failed_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
     status = json.loads((tmp_path / "bad" / "status.json").read_text())
     assert status["status"] == "failed"
     assert "nope" in status["error"] or "target" in status["error"], status["error"]
+
+
+def test_gpus_pin_the_superlink_and_its_serverapp_to_the_first_listed_gpu(tmp_path: Path) -> None:
+    # the ServerApp (started by the SuperLink's SuperExec, which inherits its environment)
+    # loads the backbone; with --gpus 2,3 it must not land on GPU 0, outside the list
+    import psutil
+
+    dep = LocalDeployment(2, tmp_path / "work", gpus=[2, 3])
+    with dep:
+        dep.start(node_ids=range(0))  # the SuperLink alone
+        link = next(d for d in dep.daemons if d.name == "superlink")
+        assert psutil.Process(link.proc.pid).environ().get("CUDA_VISIBLE_DEVICES") == "2"
+    assert dep.processes() == []

@@ -2,7 +2,9 @@
 
 Node ``i`` sees only GPU ``gpus[i % len(gpus)]`` (round-robin), so on one machine with several
 GPUs each client trains on its own; inside the node that GPU is ``cuda:0`` (``model.device``
-``auto`` or ``cuda``). The list is checked against this machine before anything starts.
+``auto`` or ``cuda``). The SuperLink, and the ServerApp it starts (which loads the backbone for
+adapter shapes and exports), sees only the first listed GPU, so nothing runs on a GPU outside
+the list. The list is checked against this machine before anything starts.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def check_gpus(gpus: Sequence[int], available: int | None = None) -> None:
                             f"(0..{available - 1})")
 
 
-def gpu_env(gpus: Sequence[int], node: int) -> dict[str, str]:
-    """The environment that pins SuperNode ``node`` to one GPU (empty without ``gpus``)."""
+def gpu_env(gpus: Sequence[int], node: int | None) -> dict[str, str]:
+    """The environment that pins SuperNode ``node`` to one GPU, or with ``node=None`` the
+    SuperLink and its ServerApp to the first one (empty without ``gpus``)."""
     if not gpus:
         return {}
-    return {"CUDA_VISIBLE_DEVICES": str(gpus[node % len(gpus)])}
+    return {"CUDA_VISIBLE_DEVICES": str(gpus[0 if node is None else node % len(gpus)])}

@@ -160,7 +160,7 @@ class LocalDeployment:
                 "--disable-runtime-dependency-installation"]
         if self.auth:
             argv.append("--enable-supernode-auth")
-        link = self._spawn("superlink", argv)
+        link = self._spawn("superlink", argv, gpu_env(self.gpus, None))  # the ServerApp's GPU
         _wait_port(self.port, link.proc, 60, link.log)
         self._write_connection()
         for i in node_ids if node_ids is not None else range(self.nodes):
