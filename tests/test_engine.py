@@ -151,3 +151,32 @@ def test_centralized_pools_all_clients(tmp_path: Path):
     assert rounds[0]["client_metrics"]["0"]["examples"] == 3 * 8
     ttps = {c["TTP"] for c in summary["clients"].values()}
     assert len(ttps) == 1  # one shared model
+
+
+def test_sigterm_while_a_checkpoint_is_written_leaves_a_consistent_one(tmp_path: Path, monkeypatch):
+    # a SIGTERM between the checkpoint's files (server state saved, state.json not yet) left a
+    # server one round ahead of the round state.json names, and a resume trained it twice
+    import os
+    import signal
+
+    from fedblend.reports import rundir as rd
+    from fedblend.signals import Interrupted, sigterm_interrupts
+
+    run = rd.RunDir(tmp_path / "run")
+    old = {"global": {"w": torch.zeros(2)}}
+    run.save_checkpoint(1, old, {0: old}, {"n": 1})
+    real_save = rd.save_state
+
+    def save_then_sigterm(path, state, meta=None):
+        real_save(path, state, meta)
+        if path.name == "server.safetensors":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between two files of the set
+
+    monkeypatch.setattr(rd, "save_state", save_then_sigterm)
+    new = {"global": {"w": torch.ones(2)}}
+    with pytest.raises(Interrupted), sigterm_interrupts():
+        run.save_checkpoint(2, new, {0: new}, {"n": 2})  # the signal waits for the whole set
+    server, clients, counters = run.load_checkpoint([0])
+    state = json.loads((run.path / "checkpoint" / "state.json").read_text())
+    assert state["rounds_completed"] == 2 and counters == {"n": 2}
+    assert torch.equal(server["global"]["w"], torch.ones(2)) and torch.equal(clients[0]["global"]["w"], torch.ones(2))

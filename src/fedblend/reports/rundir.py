@@ -14,10 +14,14 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,27 @@ def save_state(path: Path, state: State, meta: dict[str, str] | None = None) -> 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(_flatten(state), str(tmp), metadata=meta or None)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back while the block runs (writing the files of one checkpoint),
+    then deliver them: an interrupt between two of its files left a server state one round
+    ahead of the ``state.json`` that names its round, and a resume trained that round twice.
+    A no-op outside the main thread, where Python delivers no signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def load_state(path: Path) -> State:
@@ -158,13 +183,14 @@ class RunDir:
         self, rounds_completed: int, server: State, clients: dict[int, State], counters: dict[str, Any]
     ) -> None:
         ck = self.path / "checkpoint"
-        save_state(ck / "server.safetensors", server)
-        for cid, st in clients.items():
-            save_state(ck / "clients" / f"{cid}.safetensors", st)
-        atomic_write(
-            ck / "state.json",
-            json.dumps({"rounds_completed": rounds_completed, "counters": counters}),
-        )
+        with deferred_signals():  # all files of one round, or (at SIGTERM / Ctrl-C) none changed
+            save_state(ck / "server.safetensors", server)
+            for cid, st in clients.items():
+                save_state(ck / "clients" / f"{cid}.safetensors", st)
+            atomic_write(
+                ck / "state.json",
+                json.dumps({"rounds_completed": rounds_completed, "counters": counters}),
+            )
 
     def load_checkpoint(self, client_ids) -> tuple[State, dict[int, State], dict[str, Any]]:
         ck = self.path / "checkpoint"
