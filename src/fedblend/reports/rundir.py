@@ -183,7 +183,7 @@ class RunDir:
         self, rounds_completed: int, server: State, clients: dict[int, State], counters: dict[str, Any]
     ) -> None:
         ck = self.path / "checkpoint"
-        with deferred_signals():  # all files of one round, or (at SIGTERM / Ctrl-C) none changed
+        with deferred_signals():  # a SIGTERM / Ctrl-C takes effect once all files of the round are written
             save_state(ck / "server.safetensors", server)
             for cid, st in clients.items():
                 save_state(ck / "clients" / f"{cid}.safetensors", st)
