@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedblend.bench.flops import LinearCounts, efficiency, eval_flops, linear_counts, train_flops
+from fedblend.bench.flops import (
+    LinearCounts,
+    RateProbe,
+    efficiency,
+    eval_flops,
+    linear_counts,
+    train_flops,
+)
 from fedblend.bench.text import GenerationCounter
 from fedblend.cli import app
 from fedblend.config import LoraConfig, ModelConfig
@@ -32,6 +40,55 @@ def test_flop_and_efficiency_arithmetic():
     assert eval_flops(c, prompt_tokens=30, generated_tokens=5) == 2 * 100 * 35 + 2 * 10 * 5
     assert efficiency(4e9, seconds=2.0, peak_gflops=4.0) == pytest.approx(0.5)
     assert efficiency(0.0, 1.0, 1.0) is None and efficiency(1.0, 0.0, 1.0) is None
+
+
+class SleepyProbe(RateProbe):
+    """A probe whose burst takes a known 0.2 s and reads a known rate."""
+
+    def sample(self) -> float:
+        t = time.perf_counter()
+        time.sleep(0.2)
+        self.samples.setdefault(self.phase, []).append(100.0)
+        self.spent[self.phase] = self.spent.get(self.phase, 0.0) + time.perf_counter() - t
+        return 100.0
+
+
+def test_rate_probe_keeps_each_phase_bursts_apart():
+    probe = RateProbe(size=64, repeats=1)
+    probe.start("a")
+    probe.sample()
+    probe.sample()
+    probe.start("b")
+    probe.finish()
+    got = probe.summary()
+    assert {k: v["n"] for k, v in got.items()} == {"a": 2, "b": 1}
+    assert probe.rate("a") == pytest.approx(sum(probe.samples["a"]) / 2) and probe.rate("a") > 0
+    assert got["a"]["min"] <= got["a"]["mean"] <= got["a"]["max"] and got["a"]["probe_s"] > 0
+    assert probe.rate("c") is None
+
+
+def test_probe_bursts_are_left_out_of_the_round_and_the_evaluation_time(tmp_path):
+    from fedblend.bench.core import bench_config
+    from fedblend.bench.text import evaluate_timed, train_session
+
+    cfg = bench_config("fedit", "tiny", None)
+    probe = SleepyProbe()
+    probe.start("train")
+    s = train_session(cfg, tmp_path / "run", probe)
+    n_clients = len(s.fed.clients)
+    assert probe.summary()["train"]["n"] == n_clients * cfg.train.rounds  # one before each update
+    for raw, kept in zip(s.rounds, s.train["rounds"], strict=True):
+        assert raw["seconds"] - kept["seconds"] >= 0.2 * n_clients - 1e-6
+        assert kept["overhead_s"] < 0.2  # the bursts are not engine overhead
+    probe.start("eval")
+    plain = evaluate_timed(s, ttp=False)
+    t = time.perf_counter()
+    timed = evaluate_timed(s, ttp=False, probe=probe)
+    wall = time.perf_counter() - t
+    bursts = probe.summary()["eval"]["n"]
+    assert bursts == plain["generate_calls"] >= 1  # fedit: generation batches only
+    assert timed["generated_tokens"] == plain["generated_tokens"]
+    assert wall - timed["seconds"] >= 0.2 * bursts - 1e-6  # the bursts are subtracted
 
 
 def test_linear_counts_of_the_tiny_llama_exclude_lora():
@@ -102,6 +159,14 @@ def test_bench_tiny_writes_every_key_without_third_party_output(tmp_path):
     assert set(d["seconds_per_round"]) == set(d["engine_overhead_s_per_round"]) == {"fedit", "feddpa_t"}
     assert d["vision_images_per_s"] > 0 and d["naive_final_loss"] > 0 and d["fedblend_final_loss"] > 0
     assert set(d["met"]) >= {"training_efficiency.fedit", "eval_efficiency.TTP", "naive_ratio"}
+    during = d["detail"]["peak_during"]  # the peak measured again during every phase
+    assert set(during) == {"fedit", "naive", "feddpa_t", "eval_P", "eval_TTP", "eval_TTP_sequential"}
+    fedit = d["detail"]["training"]["fedit"]
+    assert d["training_efficiency"]["fedit"] == pytest.approx(
+        efficiency(fedit["flops"], fedit["seconds"], during["fedit"]["mean"]))
+    assert d["detail"]["vs_start_peak"]["training_efficiency"]["fedit"] == pytest.approx(
+        efficiency(fedit["flops"], fedit["seconds"], d["peak_gflops"]))
+    assert "measured during the phase" in r.output
     ev = d["detail"]["evaluation"]["TTP"]
     assert ev["generated_tokens"] > 0 and ev["prompt_tokens"] > ev["generated_tokens"]
     assert {k for k in d["detail"]["errors"] if not k.startswith("memory_")} <= {"ttp_batched_speedup"}

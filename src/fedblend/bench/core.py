@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedblend.bench.flops import TARGETS, efficiency, matmul_peak
+from fedblend.bench.flops import TARGETS, RateProbe, efficiency, matmul_peak
 from fedblend.bench.memory import QUANTIZATIONS, measure_in_process, measure_in_subprocesses
 from fedblend.bench.text import evaluate_timed, has_cross_client_batch, train_session
 from fedblend.bench.vision import check_images, images_per_s
@@ -165,11 +165,22 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     peak = matmul_peak(SIZES[scale]["matmul"])
     detail["peak"] = peak
     gf = float(peak["gflops"])
+    # the peak again during every phase: a burst before each local update / generation batch
+    probe = RateProbe(SIZES[scale]["matmul"])
+
+    def phase(name: str, fn: Callable[[], Any], burst_first: bool = False) -> Any:
+        probe.start(name)
+        if burst_first:  # a phase without units the probe can sit between (the naive loop)
+            probe.sample()
+        try:
+            return _step(name, errors, fn)
+        finally:
+            probe.finish()
 
     say("fedit: training rounds on the in-process engine")
     fedit_cfg = bench_config("fedit", scale, data_dir)
     detail["config"] = {k: fedit_cfg.to_dict()[k] for k in ("model", "lora", "data", "train", "eval")}
-    fedit = _step("fedit", errors, lambda: train_session(fedit_cfg, work / "fedit"))
+    fedit = phase("fedit", lambda: train_session(fedit_cfg, work / "fedit", probe))
     train_detail: dict[str, Any] = {}
     if fedit is not None:
         train_detail["fedit"] = fedit.train
@@ -178,12 +189,12 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     _free()
 
     say("naive reference: a Hugging Face Trainer per client per round")
-    naive = _step("naive", errors, lambda: _run_naive(fedit_cfg, work / "naive"))
+    naive = phase("naive", lambda: _run_naive(fedit_cfg, work / "naive"), burst_first=True)
     detail["naive_reference"] = naive
 
     say("feddpa_t: training rounds, then P and TTP evaluation")
     dpa_cfg = bench_config("feddpa_t", scale, data_dir)
-    dpa = _step("feddpa_t", errors, lambda: train_session(dpa_cfg, work / "feddpa_t"))
+    dpa = phase("feddpa_t", lambda: train_session(dpa_cfg, work / "feddpa_t", probe))
     ev: dict[str, Any] = {}
     if dpa is not None:
         train_detail["feddpa_t"] = dpa.train
@@ -191,14 +202,14 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
         from fedblend.eval.metrics import score
 
         score(["warm up"], ["warm up"])  # one-time imports of the scorer: not evaluation time
-        ev["P"] = _step("eval_P", errors, partial(evaluate_timed, dpa, ttp=False))
-        ev["TTP"] = _step("eval_TTP", errors, partial(evaluate_timed, dpa, ttp=True,
-                                                      cross_client_batch=True if cross else None))
+        ev["P"] = phase("eval_P", partial(evaluate_timed, dpa, ttp=False, probe=probe))
+        ev["TTP"] = phase("eval_TTP", partial(evaluate_timed, dpa, ttp=True, probe=probe,
+                                              cross_client_batch=True if cross else None))
         if cross:
             say("feddpa_t: TTP client after client (eval.cross_client_batch = false)")
-            ev["TTP_client_after_client"] = _step(
-                "eval_TTP_sequential", errors,
-                partial(evaluate_timed, dpa, ttp=True, cross_client_batch=False))
+            ev["TTP_client_after_client"] = phase(
+                "eval_TTP_sequential",
+                partial(evaluate_timed, dpa, ttp=True, cross_client_batch=False, probe=probe))
         else:
             ev["TTP_client_after_client"] = None
             errors["ttp_batched_speedup"] = "eval.cross_client_batch is not in this build"
@@ -216,19 +227,31 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     say("vision feature extraction")
     vis = _step("vision", errors, lambda: images_per_s(images_dir, SIZES[scale]["images"], work))
 
-    def eff(key: str) -> float | None:
+    rates = probe.summary()
+    during = {name: r["mean"] for name, r in rates.items()}
+    phase_of = {"P": "eval_P", "TTP": "eval_TTP"}
+
+    def eff(key: str, start: bool = False) -> float | None:
         e = ev.get(key) or {}
-        return efficiency(e["flops"], e["seconds"], gf) if e.get("flops") else None
+        rate = gf if start else during.get(phase_of[key])
+        return efficiency(e["flops"], e["seconds"], rate) if e.get("flops") and rate else None
+
+    def train_eff(a: str, start: bool = False) -> float | None:
+        rate = gf if start else during.get(a)
+        t = train_detail.get(a)
+        return efficiency(t["flops"], t["seconds"], rate) if t and rate else None
 
     fedit_t = train_detail.get("fedit", {})
     seq, bat = ev.get("TTP_client_after_client") or {}, ev.get("TTP") or {}
     detail.update(training=train_detail, evaluation=ev, vision=vis, step_s=dict(STEP_S),
-                  bench_process_peak_rss_mb=peak_rss_mb())
+                  bench_process_peak_rss_mb=peak_rss_mb(), peak_during=rates,
+                  vs_start_peak={
+                      "training_efficiency": {a: train_eff(a, True) for a in ("fedit", "feddpa_t")},
+                      "eval_efficiency": {k: eff(k, True) for k in ("P", "TTP")}})
     return {
         "peak_gflops": gf,
-        "training_efficiency": {
-            a: efficiency(train_detail[a]["flops"], train_detail[a]["seconds"], gf)
-            if a in train_detail else None for a in ("fedit", "feddpa_t")},
+        # each phase's useful FLOP rate / the peak measured during that phase (RateProbe)
+        "training_efficiency": {a: train_eff(a) for a in ("fedit", "feddpa_t")},
         "eval_efficiency": {"P": eff("P"), "TTP": eff("TTP")},
         "ttp_batched_speedup": _ratio(seq.get("seconds"), bat.get("seconds")),
         "naive_ratio": _ratio((naive or {}).get("seconds_per_round"), fedit_t.get("seconds_per_round")),

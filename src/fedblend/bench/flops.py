@@ -12,13 +12,19 @@ Counted as *useful* work (LoRA adapters and attention score/value products exclu
   ``2 x body x embedded tokens`` (its forward over the test prompts and the client's reference
   prompts, part of the method's inference; the bench JSON gives both parts).
 
-Efficiency = useful FLOPs / (wall seconds x measured peak FLOP/s).
+Efficiency = useful FLOPs / (wall seconds x measured peak FLOP/s). On a shared host the float32
+matmul rate moves by a third within seconds (98 to 170 GFLOP/s on 2 threads here, between
+products a second apart), so one peak read at the start of a run does not describe the machine a
+phase minutes later ran on. :class:`RateProbe` therefore measures the peak *during* each phase, a
+short best-of-3 burst before every local update or generation batch (its time is not counted as
+the phase's), and efficiency divides by the mean of those bursts; the bench reports the same work
+against the start-of-run peak too.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,3 +87,40 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float | int]:
         best = min(best, time.perf_counter() - t)
     return {"gflops": 2.0 * size**3 / best / 1e9, "size": size, "repeats": repeats,
             "best_s": best, "threads": torch.get_num_threads()}
+
+
+@dataclass
+class RateProbe:
+    """The matmul peak measured *during* a phase: :meth:`sample` (a best-of-``repeats`` burst
+    of ``size`` x ``size`` products) is called between a phase's units of work (local updates,
+    generation batches); its seconds are kept so the phase's own time can leave them out."""
+
+    size: int = 2048
+    repeats: int = 3
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)  # probe seconds per phase
+    phase: str = "start"
+
+    def sample(self) -> float:
+        t = time.perf_counter()
+        gflops = float(matmul_peak(self.size, self.repeats)["gflops"])
+        self.samples.setdefault(self.phase, []).append(gflops)
+        self.spent[self.phase] = self.spent.get(self.phase, 0.0) + time.perf_counter() - t
+        return gflops
+
+    def start(self, phase: str) -> None:
+        """Samples from now on belong to ``phase``."""
+        self.phase = phase
+
+    def finish(self) -> None:
+        """One burst after the phase's last unit (each unit already has one before it)."""
+        self.sample()
+
+    def rate(self, phase: str) -> float | None:
+        """Mean GFLOP/s of the phase's bursts (None if it took none)."""
+        xs = self.samples.get(phase)
+        return sum(xs) / len(xs) if xs else None
+
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        return {ph: {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+                     "probe_s": self.spent.get(ph, 0.0)} for ph, xs in self.samples.items()}

@@ -42,6 +42,17 @@ def print_bench(result: dict[str, Any], out: Any = None) -> None:
                   f">= {TARGETS[top]:g}{unit}", verdict,
                   style=None if ok is None else ("green" if ok else "red"))
     console.print(t)
+    rates, start = d.get("peak_during") or {}, d.get("vs_start_peak") or {}
+    if rates:
+        console.print("efficiency = useful FLOP rate / the matmul peak measured during the phase "
+                      "(mean of bursts before each local update or batch): "
+                      + "; ".join(f"{ph} {r['mean']:.0f} ({r['min']:.0f}-{r['max']:.0f}, n={r['n']})"
+                                  for ph, r in rates.items()) + " GFLOP/s",
+                      highlight=False, soft_wrap=True)
+    if start:
+        vals = [f"{k}.{a} {_num(v, '.2f')}" for k, by in start.items() for a, v in by.items()]
+        console.print(f"against the start-of-run peak {result['peak_gflops']:.1f} GFLOP/s instead: "
+                      + ", ".join(vals), highlight=False, soft_wrap=True)
     m = Table(title="memory and speed")
     for col in ("measure", "none", "int8", "nf4"):
         m.add_column(col, justify="left" if col == "measure" else "right")

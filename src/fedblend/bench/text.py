@@ -15,7 +15,7 @@ import torch
 
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, ClientContext, client_seed
-from fedblend.bench.flops import LinearCounts, eval_flops, linear_counts, train_flops
+from fedblend.bench.flops import LinearCounts, RateProbe, eval_flops, linear_counts, train_flops
 from fedblend.config import ExperimentConfig
 from fedblend.engines.inprocess import local_dispatch
 from fedblend.modalities import Modality, Prepared, modality_for
@@ -49,10 +49,11 @@ def client_tokens(trainer: Any, cid: int, examples: Any) -> tuple[float, float]:
     return tokens, response
 
 
-def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
+def train_session(cfg: ExperimentConfig, workdir: Path, probe: RateProbe | None = None) -> Session:
     """Build the federation and trainer, run ``cfg.train.rounds`` rounds with the in-process
     dispatch, and account every client's local update: seconds (the engine's ``train_s``),
-    optimizer steps, examples drawn, tokens and useful FLOPs."""
+    optimizer steps, examples drawn, tokens and useful FLOPs. With a ``probe``, a matmul burst
+    runs before each local update (outside its ``train_s``; its seconds leave the round's)."""
     mod = modality_for(cfg)
     cfg = mod.cfg
     fed = mod.build_federation()
@@ -64,6 +65,9 @@ def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
     transport, counters, server_state, client_states = initial_states(
         algorithm, trainer, run, list(prep.train_data), 0, None)
     dispatch = local_dispatch(algorithm, trainer, prep.train_data, cfg, transport, client_states)
+    probe_s: dict[int, float] = {}
+    if probe is not None:
+        dispatch = _probed(dispatch, probe, probe_s)
     loop = run_round_loop(algorithm, sorted(prep.train_data), cfg, run, transport, server_state,
                           dispatch, client_states=client_states, counters=counters)
     rounds = run.rounds()
@@ -82,8 +86,9 @@ def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
             tokens += drawn * tok
             seconds += m["train_s"]
             client_s += m["train_s"]
-        per_round.append({"round": rec["round"], "seconds": rec["seconds"], "clients_s": client_s,
-                          "overhead_s": rec["seconds"] - client_s, "loss": rec["loss"]})
+        wall = rec["seconds"] - probe_s.get(rec["round"], 0.0)
+        per_round.append({"round": rec["round"], "seconds": wall, "clients_s": client_s,
+                          "overhead_s": wall - client_s, "loss": rec["loss"]})
     n = max(1, len(per_round))
     train = {
         "flops": flops, "seconds": seconds, "tokens": tokens,
@@ -95,14 +100,36 @@ def train_session(cfg: ExperimentConfig, workdir: Path) -> Session:
     return Session(cfg, mod, fed, algorithm, trainer, prep, loop, rounds, counts, train)
 
 
+def _probed(dispatch: Any, probe: RateProbe, probe_s: dict[int, float]) -> Any:
+    """The in-process dispatch one client at a time, a probe burst before each (the clients'
+    updates are independent, so this is the same round); probe seconds per round."""
+
+    def run(rnd: int, payloads: dict[int, Any]) -> tuple[dict[int, Any], dict[int, str]]:
+        updates: dict[int, Any] = {}
+        dropped: dict[int, str] = {}
+        for cid, payload in payloads.items():
+            t = time.perf_counter()
+            probe.sample()
+            probe_s[rnd] = probe_s.get(rnd, 0.0) + time.perf_counter() - t
+            u, d = dispatch(rnd, {cid: payload})
+            updates.update(u)
+            dropped.update(d)
+        return updates, dropped
+
+    return run
+
+
 class GenerationCounter:
     """Counts the non-padding prompt tokens and generated tokens of every ``generate`` call on
     a model, and the non-padding tokens of forward passes made outside ``generate`` (FedDPA's
     embedding pass for its instance-wise weights): wrappers around the instance's methods,
     removed on exit."""
 
-    def __init__(self, model: Any, eos_id: int | None, pad_id: int | None) -> None:
+    def __init__(self, model: Any, eos_id: int | None, pad_id: int | None,
+                 probe: RateProbe | None = None) -> None:
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.probe = probe
+        self.probe_s = 0.0  # seconds of probe bursts taken before each batch
         self.calls = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -126,11 +153,18 @@ class GenerationCounter:
                     break
             self.generated_tokens += n
 
+    def _burst(self) -> None:
+        if self.probe is not None:
+            t = time.perf_counter()
+            self.probe.sample()
+            self.probe_s += time.perf_counter() - t
+
     @contextlib.contextmanager
     def counting(self) -> Iterator[GenerationCounter]:
         original, forward = self.model.generate, self.model.forward
 
         def generate(*args: Any, **kwargs: Any) -> Any:
+            self._burst()
             self._generating = True
             try:
                 out = original(*args, **kwargs)
@@ -142,6 +176,7 @@ class GenerationCounter:
 
         def counted_forward(*args: Any, **kwargs: Any) -> Any:
             if not self._generating:
+                self._burst()
                 mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
                 if isinstance(mask, torch.Tensor):
                     self.embed_tokens += int(mask.sum())
@@ -162,10 +197,12 @@ def has_cross_client_batch(cfg: ExperimentConfig) -> bool:
     return "cross_client_batch" in type(cfg.eval).model_fields
 
 
-def evaluate_timed(s: Session, ttp: bool, cross_client_batch: bool | None = None) -> dict[str, Any]:
+def evaluate_timed(s: Session, ttp: bool, cross_client_batch: bool | None = None,
+                   probe: RateProbe | None = None) -> dict[str, Any]:
     """Evaluate every client as a run does (``Modality.evaluate``; fresh client contexts, so
     each evaluation embeds its FedDPA reference prompts anew) with ``eval.ttp`` and, where the
-    build has it, ``eval.cross_client_batch`` set; seconds, tokens, useful FLOPs."""
+    build has it, ``eval.cross_client_batch`` set; seconds, tokens, useful FLOPs. With a
+    ``probe``, a matmul burst runs before each batch (its seconds are not the evaluation's)."""
     cfg = s.cfg
     saved = {"ttp": cfg.eval.ttp}
     cfg.eval.ttp = ttp
@@ -180,12 +217,12 @@ def evaluate_timed(s: Session, ttp: bool, cross_client_batch: bool | None = None
     contexts = {cid: ClientContext(cid=cid, round=rounds, seed=client_seed(cfg.seed, rounds, cid),
                                    examples=s.prep.examples[cid], trainer=s.trainer, cfg=cfg)
                 for cid in cids}
-    counter = GenerationCounter(s.trainer.model, s.trainer.eos_id, s.trainer.pad_id)
+    counter = GenerationCounter(s.trainer.model, s.trainer.eos_id, s.trainer.pad_id, probe)
     try:
         with counter.counting():
             t = time.perf_counter()
             ev = s.mod.evaluate(s.algorithm, s.trainer, s.fed, s.prep, finals, states, contexts, None)
-            seconds = time.perf_counter() - t
+            seconds = time.perf_counter() - t - counter.probe_s
     finally:
         for k, v in saved.items():
             setattr(cfg.eval, k, v)
