@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fedblend.bench.core import bench_config
 from fedblend.bench.flops import RateProbe, linear_counts, train_flops
+from fedblend.bench.text import client_tokens
 from fedblend.modalities import modality_for
 from fedblend.runlog import third_party_to
 
@@ -57,25 +58,23 @@ def main() -> int:
         counts = linear_counts(trainer.model)
         probe = RateProbe()
         probe.start("steps")
-        trainer.train(("c", 0), fed.clients[0].train, ["global"], {"global": 1.0, "local": 0.0}, 1.0, 0)  # warm-up
+        trainer.train(("client", 0), fed.clients[0].train, ["global"], {"global": 1.0, "local": 0.0}, 1.0, 0)  # warm-up
         rows = []
         other: dict[str, float] = defaultdict(float)
         for rep in range(args.steps_per_client):
             for client in fed.clients:
                 ex = client.train
-                data = trainer.tokenize(("c", client.cid), ex)
-                steps = trainer.train_steps(len(data), 1.0)
-                tokens = sum(len(i) for i, _ in data)
-                response = sum(sum(1 for t in y[1:] if t != -100) for _, y in data)
-                drawn = steps * min(cfg.train.batch_size, len(data)) / len(data)  # epochs of examples
-                useful = train_flops(counts, tokens * drawn, response * drawn)
+                data = trainer.tokenize(("client", client.cid), ex)
+                tok, resp = client_tokens(trainer, client.cid, ex)  # means per example
+                drawn = trainer.train_steps(len(data), 1.0) * min(cfg.train.batch_size, len(data))
+                useful = train_flops(counts, drawn * tok, drawn * resp)  # as fedblend bench counts
                 lens = sorted(len(i) for i, _ in data)  # one length-grouped batch when n <= batch
                 micro = cfg.train.micro_batch_size
                 slots = sum(len(c) * max(c) for c in (lens[j:j + micro] for j in range(0, len(lens), micro)))
                 peak = probe.sample()
                 with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                     t = time.perf_counter()
-                    trainer.train(("c", client.cid), ex, ["global"], {"global": 1.0, "local": 0.0}, 1.0, rep + 1)
+                    trainer.train(("client", client.cid), ex, ["global"], {"global": 1.0, "local": 0.0}, 1.0, rep + 1)
                     wall = time.perf_counter() - t
                 mm_s = mm_flops = 0.0
                 for e in prof.key_averages():
@@ -91,7 +90,7 @@ def main() -> int:
                     "products_vs_peak": mm_flops / mm_s / 1e9 / peak if mm_s else None,
                     "ceiling": useful / ((mm_flops / (peak * 1e9) + rest) * peak * 1e9),
                     "useful_gflop": useful / 1e9, "product_gflop": mm_flops / 1e9,
-                    "padding_share": 1 - tokens / slots if len(data) <= cfg.train.batch_size else None,
+                    "padding_share": 1 - sum(lens) / slots if len(data) <= cfg.train.batch_size else None,
                 })
                 r = rows[-1]
                 print(f"client {client.cid} rep {rep}: {wall:.2f} s, peak {peak:.0f} GFLOP/s, efficiency "

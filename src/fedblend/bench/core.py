@@ -227,32 +227,27 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     say("vision feature extraction")
     vis = _step("vision", errors, lambda: images_per_s(images_dir, SIZES[scale]["images"], work))
 
-    rates = probe.summary()
-    during = {name: r["mean"] for name, r in rates.items()}
     phase_of = {"P": "eval_P", "TTP": "eval_TTP"}
 
-    def eff(key: str, start: bool = False) -> float | None:
-        e = ev.get(key) or {}
-        rate = gf if start else during.get(phase_of[key])
-        return efficiency(e["flops"], e["seconds"], rate) if e.get("flops") and rate else None
+    def eff(rec: dict[str, Any] | None, phase: str, start: bool = False) -> float | None:
+        """A measured record's useful FLOPs / (seconds x the peak during ``phase``, or the
+        start-of-run peak)."""
+        rate = gf if start else probe.rate(phase)
+        return efficiency(rec["flops"], rec["seconds"], rate) if rec and rec.get("flops") and rate else None
 
-    def train_eff(a: str, start: bool = False) -> float | None:
-        rate = gf if start else during.get(a)
-        t = train_detail.get(a)
-        return efficiency(t["flops"], t["seconds"], rate) if t and rate else None
+    def efficiencies(start: bool = False) -> dict[str, dict[str, float | None]]:
+        return {"training_efficiency": {a: eff(train_detail.get(a), a, start) for a in ("fedit", "feddpa_t")},
+                "eval_efficiency": {k: eff(ev.get(k), phase_of[k], start) for k in ("P", "TTP")}}
 
     fedit_t = train_detail.get("fedit", {})
     seq, bat = ev.get("TTP_client_after_client") or {}, ev.get("TTP") or {}
     detail.update(training=train_detail, evaluation=ev, vision=vis, step_s=dict(STEP_S),
-                  bench_process_peak_rss_mb=peak_rss_mb(), peak_during=rates,
-                  vs_start_peak={
-                      "training_efficiency": {a: train_eff(a, True) for a in ("fedit", "feddpa_t")},
-                      "eval_efficiency": {k: eff(k, True) for k in ("P", "TTP")}})
+                  bench_process_peak_rss_mb=peak_rss_mb(), peak_during=probe.summary(),
+                  vs_start_peak=efficiencies(start=True))
     return {
         "peak_gflops": gf,
         # each phase's useful FLOP rate / the peak measured during that phase (RateProbe)
-        "training_efficiency": {a: train_eff(a) for a in ("fedit", "feddpa_t")},
-        "eval_efficiency": {"P": eff("P"), "TTP": eff("TTP")},
+        **efficiencies(),
         "ttp_batched_speedup": _ratio(seq.get("seconds"), bat.get("seconds")),
         "naive_ratio": _ratio((naive or {}).get("seconds_per_round"), fedit_t.get("seconds_per_round")),
         "naive_final_loss": (naive or {}).get("final_loss"),

@@ -108,6 +108,13 @@ class RateProbe:
         self.spent[self.phase] = self.spent.get(self.phase, 0.0) + time.perf_counter() - t
         return gflops
 
+    def burst(self) -> float:
+        """One :meth:`sample`; returns the seconds it took, for the caller to leave out of the
+        time of the work it measures."""
+        t = time.perf_counter()
+        self.sample()
+        return time.perf_counter() - t
+
     def start(self, phase: str) -> None:
         """Samples from now on belong to ``phase``."""
         self.phase = phase

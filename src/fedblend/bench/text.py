@@ -108,9 +108,7 @@ def _probed(dispatch: Any, probe: RateProbe, probe_s: dict[int, float]) -> Any:
         updates: dict[int, Any] = {}
         dropped: dict[int, str] = {}
         for cid, payload in payloads.items():
-            t = time.perf_counter()
-            probe.sample()
-            probe_s[rnd] = probe_s.get(rnd, 0.0) + time.perf_counter() - t
+            probe_s[rnd] = probe_s.get(rnd, 0.0) + probe.burst()
             u, d = dispatch(rnd, {cid: payload})
             updates.update(u)
             dropped.update(d)
@@ -155,9 +153,7 @@ class GenerationCounter:
 
     def _burst(self) -> None:
         if self.probe is not None:
-            t = time.perf_counter()
-            self.probe.sample()
-            self.probe_s += time.perf_counter() - t
+            self.probe_s += self.probe.burst()
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[GenerationCounter]:
