@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fedblend.config import load_config
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"

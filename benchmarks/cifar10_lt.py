@@ -30,8 +30,8 @@ import torch
 
 from fedblend.config import config_from_dict
 from fedblend.engines.inprocess import Transport, run_rounds
-from fedblend.experiment import run_experiment
-from fedblend.reports.rundir import RunDir
+from fedblend.runner import run_experiment
+from fedblend.store.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"

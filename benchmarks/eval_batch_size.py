@@ -33,8 +33,8 @@ def main() -> int:
     from fedblend.bench.core import bench_config
     from fedblend.bench.flops import efficiency, matmul_peak
     from fedblend.bench.text import evaluate_timed, train_session
-    from fedblend.eval.metrics import score
     from fedblend.runlog import third_party_to
+    from fedblend.text.metrics import score
 
     torch.set_num_threads(args.threads)
     with third_party_to(args.log):

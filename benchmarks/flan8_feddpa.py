@@ -42,8 +42,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from fedblend.compare import load_configs, run_compare, write_compare_report
-    from fedblend.experiment import evaluate_run
-    from fedblend.reports.rundir import RunDir
+    from fedblend.runner import evaluate_run
+    from fedblend.store.rundir import RunDir
 
     overrides = ([] if args.full_scale else SCALE) + [f"data.dir={args.data}"]
     configs = [ROOT / "configs" / "flan8" / f"{a}.toml" for a in ("local", "fedit", "feddpa_f", "feddpa_t")]

@@ -48,7 +48,7 @@ def main() -> int:
 
     from fedblend.config import load_config
     from fedblend.deploy.local import deploy_local
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
 
     overrides = ([] if args.no_scale else [*SCALE, f"data.dir={args.data}"]) + args.sets
     cfg = load_config(args.config, overrides)

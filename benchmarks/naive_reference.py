@@ -45,7 +45,7 @@ def fedavg_adapter_files(paths: Sequence[Path], weights: Sequence[float]) -> dic
 
 def tokenize_fn(tok: Any, max_len: int):
     """``datasets.map`` function: fedblend's token layout (see the module docstring)."""
-    from fedblend.backbones.text import format_prompt
+    from fedblend.text.backbone import format_prompt
 
     def fn(rec: dict[str, str]) -> dict[str, list[int]]:
         prompt = tok(format_prompt(rec["instruction"]), add_special_tokens=False)["input_ids"]
@@ -83,8 +83,8 @@ def _run_naive(cfg: Any, workdir: Path) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from fedblend.backbones.text import load_text_backbone
-    from fedblend.data.federation import build_federation
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.federation import build_federation
 
     datasets.disable_progress_bars()
     tc, lc = cfg.train, cfg.lora

@@ -92,10 +92,10 @@ def worker(args) -> dict:
 
     from fedblend.algorithms.base import ClientContext, client_seed
     from fedblend.algorithms.fedit import train_global
-    from fedblend.backbones.text import load_text_backbone
     from fedblend.comm.codec import Message
-    from fedblend.data.federation import build_federation
-    from fedblend.trainers.text import TextTrainer
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.federation import build_federation
+    from fedblend.text.trainer import TextTrainer
 
     response, skip, group, ckpt = VARIANTS[args.worker]
     extra = [] if args.main_api else [
@@ -146,9 +146,9 @@ def padding_by_grouping(args) -> dict:
     under the trainer's own batch sampling (``sample_batches``) for the config's own
     ``train.local_epochs``."""
     from fedblend.algorithms.base import client_seed
-    from fedblend.backbones.text import load_text_backbone
-    from fedblend.data.federation import build_federation
-    from fedblend.trainers.text import TextTrainer, sample_batches
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.federation import build_federation
+    from fedblend.text.trainer import TextTrainer, sample_batches
 
     cfg = _config(args, [])
     tc, fed = cfg.train, build_federation(cfg)

@@ -64,8 +64,8 @@ def scenarios(clip: float) -> dict[str, list[str]]:
 
 def run_one(raw: dict[str, Any], overrides: list[str], out: Path) -> dict[str, Any]:
     from fedblend.config import config_from_dict
-    from fedblend.experiment import run_experiment
-    from fedblend.reports.rundir import RunDir
+    from fedblend.runner import run_experiment
+    from fedblend.store.rundir import RunDir
 
     cfg = config_from_dict(raw, overrides)
     rd = RunDir(out)

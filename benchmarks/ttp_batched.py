@@ -43,12 +43,12 @@ def main() -> int:
 
     from fedblend.algorithms import make_algorithm
     from fedblend.algorithms.base import ClientContext, client_seed
-    from fedblend.backbones.text import load_text_backbone
     from fedblend.comm.codec import Message
     from fedblend.config import load_config
-    from fedblend.data.federation import build_federation
-    from fedblend.eval.protocol import evaluate_text
-    from fedblend.trainers.text import TextTrainer
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.federation import build_federation
+    from fedblend.text.protocol import evaluate_text
+    from fedblend.text.trainer import TextTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

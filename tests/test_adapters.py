@@ -9,10 +9,10 @@ from conftest import tiny_raw
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from fedblend.backbones.text import load_text_backbone
 from fedblend.config import config_from_dict
-from fedblend.data import synthetic
-from fedblend.trainers.text import TextTrainer
+from fedblend.text import synthetic
+from fedblend.text.backbone import load_text_backbone
+from fedblend.text.trainer import TextTrainer
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from conftest import tiny_raw
 from fedblend.adapters.batched import CrossClientLoRA
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext, load_into
-from fedblend.backbones.text import load_text_backbone
 from fedblend.comm.codec import Message
 from fedblend.config import config_from_dict
-from fedblend.data.federation import build_federation
-from fedblend.eval.protocol import evaluate_text
-from fedblend.trainers.text import TextTrainer
+from fedblend.text.backbone import load_text_backbone
+from fedblend.text.federation import build_federation
+from fedblend.text.protocol import evaluate_text
+from fedblend.text.trainer import TextTrainer
 
 
 def _random(tr: TextTrainer, role: str, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ def test_row_select_layer_equals_per_client_peft_forward():
 def test_not_batchable_falls_back():
     """Eval adapters that are not the trainer's LoRA roles (or differ in roles between clients)
     are evaluated client after client."""
-    from fedblend.eval.batched import batchable
+    from fedblend.text.batched_eval import batchable
 
     _, tr, _, _, finals, states = _setup("local", clients=3)
     g = finals[0].tensors["global"]

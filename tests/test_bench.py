@@ -93,7 +93,7 @@ def test_probe_bursts_are_left_out_of_the_round_and_the_evaluation_time(tmp_path
 
 def test_linear_counts_of_the_tiny_llama_exclude_lora():
     from fedblend.adapters.lora import DualLoRA
-    from fedblend.backbones.text import load_text_backbone
+    from fedblend.text.backbone import load_text_backbone
 
     cfg = ModelConfig(source="tiny", tiny_hidden_size=64, tiny_layers=2, tiny_heads=4)
     model, tok = load_text_backbone(cfg)
@@ -124,7 +124,7 @@ def test_naive_reference_fedavg_of_two_saved_adapters_is_their_mean(tmp_path):
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from fedblend.backbones.text import load_text_backbone
+    from fedblend.text.backbone import load_text_backbone
 
     model, _ = load_text_backbone(ModelConfig(source="tiny"))
     model = get_peft_model(model, PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

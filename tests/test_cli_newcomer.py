@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from fedblend.cli import app
 from fedblend.config import config_from_dict
 from fedblend.errors import ConfigError
-from fedblend.reports.rundir import RunDir
 from fedblend.signals import resume_command
+from fedblend.store.rundir import RunDir
 
 TINY = str(ROOT / "configs" / "tiny" / "fedit.toml")
 

@@ -78,7 +78,7 @@ def test_third_party_warnings_and_logs_go_to_the_run_log(tmp_path, capfd):
 def test_vision_records_reproduce_overall_and_tail_accuracy(tmp_path):
     from fedblend.config import load_config
     from fedblend.evidence import run_strata
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
     from fedblend.stats import bootstrap
 
     cfg = load_config(ROOT / "configs" / "tiny" / "clip_smoke.toml",

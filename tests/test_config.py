@@ -97,3 +97,17 @@ def test_cli_unknown_set_key_exits_2(tmp_path: Path):
                                  "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "--set train.epochz=1: unknown key" in _one_line_error(result)
+
+
+def test_removed_key_names_its_replacement(tmp_path: Path):
+    from fedblend.config import load_config
+    from fedblend.errors import ConfigError
+
+    cfg = tmp_path / "old.toml"
+    cfg.write_text('[engine]\nkind = "flower"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(f"{cfg}: engine.kind: removed") and "fedblend deploy" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["engine.kind=inprocess"])
+    assert str(e.value).startswith("--set engine.kind=inprocess: removed")

@@ -8,10 +8,11 @@ import pytest
 from conftest import SHARED, shared_flan8, tiny_raw
 
 from fedblend.config import config_from_dict
-from fedblend.data import synthetic
-from fedblend.data.federation import build_federation, partition_by_label
-from fedblend.data.sources import Example, read_instructions, read_tsv
 from fedblend.errors import DataError
+from fedblend.partition import partition_by_label
+from fedblend.text import synthetic
+from fedblend.text.federation import build_federation
+from fedblend.text.sources import Example, read_instructions, read_tsv
 
 
 def test_read_json_and_jsonl(tmp_path: Path):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import ROOT, tiny_raw
 
-from fedblend.backbones.text import backbone_bytes, load_text_backbone
 from fedblend.config import config_from_dict, load_config
-from fedblend.data.federation import build_federation
 from fedblend.device import cuda_count
 from fedblend.errors import ConfigError, FedblendError
-from fedblend.trainers.text import TextTrainer
+from fedblend.text.backbone import backbone_bytes, load_text_backbone
+from fedblend.text.federation import build_federation
+from fedblend.text.trainer import TextTrainer
 
 NO_CUDA = cuda_count() == 0
 
@@ -115,7 +115,7 @@ def test_bfloat16_autocast_on_cpu_trains_float32_adapters():
 
 
 def test_nf4_feddpa_run_writes_backbone_bytes_and_system(tmp_path):
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
 
     cfg = load_config(ROOT / "configs" / "tiny" / "feddpa_t.toml",
                       ["model.quantization=\"nf4\"", "train.rounds=1", "engine.progress=false",

@@ -12,8 +12,8 @@ from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import config_from_dict
 from fedblend.engines import inprocess
 from fedblend.errors import FedblendError
-from fedblend.experiment import run_experiment
-from fedblend.reports.rundir import load_state
+from fedblend.runner import run_experiment
+from fedblend.store.files import load_state
 
 SUMMARY_KEYS = {"algorithm", "rounds", "seed", "clients", "mean", "metric", "comm", "time", "memory"}
 
@@ -159,7 +159,7 @@ def test_sigterm_while_a_checkpoint_is_written_leaves_a_consistent_one(tmp_path:
     import os
     import signal
 
-    from fedblend.reports import rundir as rd
+    from fedblend.store import rundir as rd
     from fedblend.signals import Interrupted, sigterm_interrupts
 
     run = rd.RunDir(tmp_path / "run")

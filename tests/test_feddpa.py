@@ -10,14 +10,14 @@ from conftest import tiny_raw
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext
 from fedblend.algorithms.feddpa import dynamic_weights
-from fedblend.backbones.text import format_prompt, load_text_backbone
 from fedblend.comm.codec import decode
 from fedblend.config import config_from_dict
-from fedblend.data import synthetic
 from fedblend.errors import ConfigError
-from fedblend.experiment import evaluate_run, run_experiment
-from fedblend.reports.rundir import load_state
-from fedblend.trainers.text import TextTrainer
+from fedblend.runner import evaluate_run, run_experiment
+from fedblend.store.files import load_state
+from fedblend.text import synthetic
+from fedblend.text.backbone import format_prompt, load_text_backbone
+from fedblend.text.trainer import TextTrainer
 
 
 def _trainer(**eval_cfg):
@@ -121,7 +121,7 @@ def test_feddpa_t_local_persists_and_phases(tmp_path: Path):
 
 
 def test_feddpa_f_starts_local_from_final_global(tmp_path: Path, monkeypatch):
-    from fedblend.trainers.text import TextTrainer as T
+    from fedblend.text.trainer import TextTrainer as T
 
     seen = {}
     original = T.train

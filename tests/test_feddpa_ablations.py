@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from fedblend.cli import app
 from fedblend.config import config_from_dict
 from fedblend.errors import ConfigError
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 from fedblend.sweep import parse_sweep, settings
-from fedblend.trainers.text import TextTrainer
+from fedblend.text.trainer import TextTrainer
 
 
 def test_glocal_global_phase_and_local_phase_epochs(tmp_path: Path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_raw
 
 from fedblend.config import config_from_dict
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 pytestmark = pytest.mark.gpu
 

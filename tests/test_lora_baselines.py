@@ -9,12 +9,12 @@ from conftest import tiny_raw
 
 from fedblend.adapters.lora import split_kinds
 from fedblend.aggregation.fedavg import weighted_mean
-from fedblend.backbones.text import load_text_backbone
 from fedblend.comm.codec import decode
 from fedblend.config import config_from_dict
-from fedblend.experiment import run_experiment
-from fedblend.reports.rundir import load_state
-from fedblend.trainers.text import TextTrainer
+from fedblend.runner import run_experiment
+from fedblend.store.files import load_state
+from fedblend.text.backbone import load_text_backbone
+from fedblend.text.trainer import TextTrainer
 
 
 def _run(tmp_path: Path, algo: str):

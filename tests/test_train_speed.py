@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fedblend.backbones.text import load_text_backbone
 from fedblend.config import config_from_dict
-from fedblend.data import synthetic
-from fedblend.trainers.text import TextTrainer
+from fedblend.text import synthetic
+from fedblend.text.backbone import load_text_backbone
+from fedblend.text.trainer import TextTrainer
 
 
 def _trainer(dropout: float = 0.0, **train) -> TextTrainer:
@@ -131,7 +131,7 @@ def test_length_grouping_gives_the_same_update():
 def test_sample_batches_cover_each_epoch_once_and_run_on_into_the_next():
     import random
 
-    from fedblend.trainers.text import sample_batches
+    from fedblend.text.trainer import sample_batches
 
     batches = list(sample_batches(5, 4, 5, random.Random(0)))  # 4 epochs of 5 in 5 batches of 4
     assert [len(b) for b in batches] == [4] * 5

@@ -20,7 +20,7 @@ from fedblend.config import config_from_dict
 from fedblend.engines.inprocess import Transport, run_rounds
 from fedblend.errors import ConfigError
 from fedblend.privacy import dp
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 D = 6
 

@@ -65,7 +65,7 @@ def run(
 ) -> None:
     """Run one experiment and write its run directory (with --seeds N: DIR/seed_<s>/ each)."""
     from fedblend.config import load_config
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
 
     with user_errors():
         cfg = load_config(config, set_ or [])
@@ -95,7 +95,7 @@ def evaluate(
         "each in OUT/<setting>, table in OUT/sweep.json")] = None,
 ) -> None:
     """Re-evaluate a completed run with other eval.* settings (e.g. eval.weighting=static)."""
-    from fedblend.experiment import evaluate_run
+    from fedblend.runner import evaluate_run
     from fedblend.sweep import run_sweep
 
     with user_errors():
@@ -136,7 +136,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run, comparison or swee
     """Print the results table of a completed run, a comparison or an evaluation sweep."""
     import json
 
-    from fedblend.reports.rundir import RunDir
+    from fedblend.store.rundir import RunDir
 
     r = RunDir(run_dir)
     if r.complete:

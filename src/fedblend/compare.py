@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fedblend.config import ExperimentConfig, config_from_dict, load_config
-from fedblend.experiment import run_experiment
-from fedblend.reports.rundir import RunDir, atomic_write
+from fedblend.runner import run_experiment
+from fedblend.store.files import atomic_write
+from fedblend.store.rundir import RunDir
 
 SHARED_FLAN8 = Path("../shared/data/flan8")
 DEMO_METHODS = ("local", "fedit", "feddpa_f")

@@ -260,7 +260,6 @@ class VisionConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: Literal["inprocess", "flower"] = "inprocess"
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
     checkpoint_every: int = Field(1, ge=0, description="rounds between resumable checkpoints; 0 = never")
     round_timeout: float = Field(
@@ -412,10 +411,33 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw, overrides or [], source=source)
 
 
+REMOVED_KEYS: dict[str, str] = {
+    "engine.kind": "removed: the command picks the engine (`fedblend run` in-process, "
+    "`fedblend deploy` on Flower)",
+}
+"""Keys that are gone or moved, each with the one line that says where (checked before the
+schema, so an old config fails with that line rather than 'unknown key')."""
+
+
+def _check_removed(data: dict[str, Any], source: str, overrides: list[str]) -> None:
+    for key, why in REMOVED_KEYS.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:
+            continue
+        given = [o for o in overrides if o.split("=", 1)[0].strip() == key]
+        raise ConfigError(f"--set {given[-1]}: {why}" if given else f"{source}: {key}: {why}")
+
+
+_MISSING = object()
+
+
 def config_from_dict(
     raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
 ) -> ExperimentConfig:
     data = apply_overrides(raw, overrides or [])
+    _check_removed(data, source, overrides or [])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:

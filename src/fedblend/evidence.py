@@ -1,7 +1,7 @@
 """Per-instance scores from run records, arranged for :mod:`fedblend.stats`.
 
 Text runs: ``eval/predictions.jsonl`` holds each client's prediction and reference per test
-instance; each is scored with the run's primary metric (:func:`fedblend.eval.metrics.score_one`),
+instance; each is scored with the run's primary metric (:func:`fedblend.text.metrics.score_one`),
 so the means reproduce ``summary.json``. Vision runs: the same file holds each client's
 prediction and label on the shared balanced test set.
 """
@@ -29,7 +29,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 def text_strata(run_dir: Path, metric: str) -> dict[str, Strata]:
     """Metric name -> strata: ``P``, ``TTP`` and ``P[client k]`` for every client."""
-    from fedblend.eval.metrics import score_one
+    from fedblend.text.metrics import score_one
 
     by: dict[tuple[int, str], list[tuple[int, float, bool]]] = defaultdict(list)
     for r in _records(run_dir):

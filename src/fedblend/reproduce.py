@@ -17,8 +17,9 @@ from typing import Any
 
 from fedblend.config import TEXT_ALGORITHMS, VISION_ALGORITHMS, ExperimentConfig, config_from_dict
 from fedblend.errors import ConfigError
-from fedblend.reports.rundir import RunDir, atomic_write
 from fedblend.stats import fmt, paired
+from fedblend.store.files import atomic_write
+from fedblend.store.rundir import RunDir
 
 PAPERS = ("feddpa", "tripleplay")
 BUDGETS = ("quick", "standard", "paper")
@@ -115,7 +116,7 @@ def verdict(diff: dict[str, Any], direction: int, resolve: float) -> tuple[str, 
 
 def _static_runs(runs: dict[str, list[Path]], weight: float, out: Path) -> list[Path]:
     """FedDPA-F re-evaluated with one static weight from each seed's trained state."""
-    from fedblend.experiment import evaluate_run
+    from fedblend.runner import evaluate_run
 
     dirs = []
     for src in runs["feddpa_f"]:

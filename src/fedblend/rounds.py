@@ -15,9 +15,10 @@ from typing import Any
 
 from fedblend.algorithms.base import Algorithm, State
 from fedblend.comm.codec import Message, decode, encode
-from fedblend.config import ExperimentConfig
+from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
+from fedblend.device import system_info
 from fedblend.plain_progress import label, round_line, say
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 from fedblend.trust import round_record, screen_updates, skip_reason
 
 Tap = Callable[[str, int, int, bytes], None]  # (direction, round, client id, wire bytes)
@@ -158,3 +159,31 @@ def run_round_loop(
             counters.update(bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)
             run.save_checkpoint(rnd + 1, server_state, client_states, counters)
     return LoopResult(server_state, client_states, counters["train_s"])
+
+
+def resume_checkpoint(run: RunDir, transport: Transport, client_ids: Sequence[int]
+                      ) -> tuple[State, dict[int, State], dict[str, Any]]:
+    """The last checkpoint's server state, the states of ``client_ids`` (those the engine
+    holds) and counters; ``transport``'s byte counters continue from the checkpoint's."""
+    server_state, client_states, counters = run.load_checkpoint(list(client_ids))
+    transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
+    return server_state, client_states, counters
+
+
+def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
+    """Write summary.json (which marks the run complete) and report.html."""
+    from fedblend.reports.html import write_report
+
+    summary.setdefault("system", system_block(run.config()))
+    run.write_summary(summary)
+    write_report(run.path)
+
+
+def system_block(config: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's ``system``: device, dtype, backbone quantization, threads, versions."""
+    model = config["model"]
+    if config["algorithm"] in VISION_ALGORITHMS:
+        quant = "nf4" if config["vision"]["nf4"] else "none"
+    else:
+        quant = model["quantization"]
+    return system_info(model["device"], model["dtype"], quant)

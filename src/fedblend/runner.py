@@ -1,6 +1,11 @@
 """One runner for both modalities: run an experiment (or re-evaluate one) and write its run
-directory. The engine is passed in as a dispatch factory (where ``local_update`` runs), so the
-runner sits below the engines and never imports one."""
+directory. This is the entry point the CLI, ``compare``, ``reproduce`` and the benchmarks call.
+
+Where each round's ``local_update`` calls run is a dispatch factory: the in-process engine's
+(:func:`fedblend.engines.inprocess.local_dispatch`, clients in turn in this process) unless the
+caller passes another. The Flower engine drives the same round loop from its ServerApp and uses
+this module's checkpoint and completion helpers. Third-party warnings and logs go to the run's
+``run.log``, not the terminal."""
 
 from __future__ import annotations
 
@@ -17,11 +22,21 @@ import torch
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
 from fedblend.comm.codec import Message
-from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
-from fedblend.device import system_info
-from fedblend.modalities import Modality, Prepared, modality_for
-from fedblend.reports.rundir import RunDir, load_state, save_state
-from fedblend.rounds import Dispatch, Tap, Transport, run_round_loop
+from fedblend.config import ExperimentConfig
+from fedblend.engines.inprocess import local_dispatch
+from fedblend.modalities import modality_for
+from fedblend.modality import Modality, Prepared
+from fedblend.rounds import (
+    Dispatch,
+    Tap,
+    Transport,
+    complete_run,
+    resume_checkpoint,
+    run_round_loop,
+)
+from fedblend.runlog import third_party_to
+from fedblend.store.files import load_state, save_state
+from fedblend.store.rundir import RunDir
 
 MakeDispatch = Callable[
     [Algorithm, Any, dict[int, Sequence[Any]], ExperimentConfig, Transport, dict[int, State], Any], Dispatch
@@ -53,15 +68,6 @@ def prepare_torch(cfg: ExperimentConfig) -> float:
     return time.perf_counter()
 
 
-def resume_checkpoint(run: RunDir, transport: Transport, client_ids: Sequence[int]
-                      ) -> tuple[State, dict[int, State], dict[str, Any]]:
-    """The last checkpoint's server state, the states of ``client_ids`` (those the engine
-    holds) and counters; ``transport``'s byte counters continue from the checkpoint's."""
-    server_state, client_states, counters = run.load_checkpoint(list(client_ids))
-    transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
-    return server_state, client_states, counters
-
-
 def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
     """Fresh server and client states, or those of the last checkpoint when resuming, with a
     transport whose byte counters continue from the checkpoint."""
@@ -75,38 +81,21 @@ def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start
     return transport, counters, server_state, client_states
 
 
-def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
-    """Write summary.json (which marks the run complete) and report.html."""
-    from fedblend.reports.html import write_report
-
-    summary.setdefault("system", system_block(run.config()))
-    run.write_summary(summary)
-    write_report(run.path)
-
-
-def system_block(config: dict[str, Any]) -> dict[str, Any]:
-    """summary.json's ``system``: device, dtype, backbone quantization, threads, versions."""
-    model = config["model"]
-    if config["algorithm"] in VISION_ALGORITHMS:
-        quant = "nf4" if config["vision"]["nf4"] else "none"
-    else:
-        quant = model["quantization"]
-    return system_info(model["device"], model["dtype"], quant)
-
-
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, make_dispatch: MakeDispatch, resume: bool = False,
-    tap: Tap | None = None,
+    cfg: ExperimentConfig, out: str | Path, resume: bool = False, tap: Tap | None = None,
+    make_dispatch: MakeDispatch = local_dispatch,
 ) -> dict[str, Any]:
-    """Run ``cfg`` with the engine's ``make_dispatch`` and return its summary; a failed run
-    leaves no summary.json."""
-    run = RunDir(out)
-    start_round = run.start(cfg.to_dict(), resume)
-    try:
-        return _run(cfg, run, start_round, tap, make_dispatch)
-    except BaseException as e:
-        run.fail(e)
-        raise
+    """Run ``cfg`` (either modality) and return its summary; a failed run leaves no
+    summary.json. ``make_dispatch``: where the clients' local updates run (default: in turn,
+    in this process)."""
+    with third_party_to(Path(out) / "run.log"):
+        run = RunDir(out)
+        start_round = run.start(cfg.to_dict(), resume)
+        try:
+            return _run(cfg, run, start_round, tap, make_dispatch)
+        except BaseException as e:
+            run.fail(e)
+            raise
 
 
 def _contexts(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cids: Sequence[int]) -> dict[int, ClientContext]:
@@ -191,6 +180,11 @@ def evaluate_and_summarize(
 def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
     """Re-evaluate a completed run with other ``eval.*`` settings (e.g. FedDPA weightings)
     from the states its clients held after training; writes a new run directory."""
+    with third_party_to(Path(out) / "run.log"):
+        return _evaluate_run(source, overrides, out)
+
+
+def _evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
     from fedblend.config import config_from_dict
     from fedblend.errors import ConfigError, FedblendError
 

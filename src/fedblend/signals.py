@@ -46,7 +46,7 @@ def record_interrupt(out_dir: Path, argv: Sequence[str], reason: str) -> str | N
     status_path = out_dir / "status.json"
     if not status_path.is_file():
         return None
-    from fedblend.reports.rundir import atomic_write
+    from fedblend.store.files import atomic_write
 
     status = json.loads(status_path.read_text())
     if status.get("status") != "interrupted":

@@ -5,7 +5,7 @@ FedDPA's weighting ablations (``eval.weighting``, ``eval.dynamic_lambda``,
 from the states one trained run left behind: no retraining, the same adapters for every
 setting. Each ``--sweep key=v1,v2,...`` is one axis; several axes form a grid. Every setting
 is written as a sub-run ``OUT/<setting>`` (a normal run directory, via
-:func:`fedblend.experiment.evaluate_run`) and the table as ``OUT/sweep.json``.
+:func:`fedblend.runner.evaluate_run`) and the table as ``OUT/sweep.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from fedblend.config import config_from_dict, parse_override
 from fedblend.errors import ConfigError, FedblendError
-from fedblend.reports.rundir import RunDir, atomic_write
+from fedblend.store.files import atomic_write
+from fedblend.store.rundir import RunDir
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -53,7 +54,7 @@ def _dir_name(label: str) -> str:
 
 def run_sweep(source: str | Path, overrides: list[str], sweep: list[str], out: str | Path) -> dict[str, Any]:
     """Evaluate the finished run ``source`` once per setting; returns (and writes) the table."""
-    from fedblend.experiment import evaluate_run
+    from fedblend.runner import evaluate_run
 
     src, out = RunDir(source), Path(out)
     if not src.complete:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedblend.config import load_config
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 
 def inprocess_reference(config: Path, overrides: list[str], out: Path) -> dict:

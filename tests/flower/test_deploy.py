@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedblend.deploy.local import LocalDeployment, deploy_local
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 from .conftest import TINY, TINY_OVERRIDES
 from .helpers import assert_adapters_close, assert_no_private_tensors, inprocess_reference

@@ -19,7 +19,7 @@ from fedblend.engines.flower import wire
 from fedblend.engines.flower.server_app import FlowerClients
 from fedblend.engines.inprocess import Transport, run_round_loop
 from fedblend.errors import FedblendError
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 from .conftest import TINY, TINY_OVERRIDES
 

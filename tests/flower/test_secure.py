@@ -9,7 +9,8 @@ import pytest
 
 from fedblend.deploy.certs import make_certs
 from fedblend.deploy.local import LocalDeployment, app_dir
-from fedblend.reports.rundir import RunDir, load_state
+from fedblend.store.files import load_state
+from fedblend.store.rundir import RunDir
 
 from .conftest import TINY, TINY_OVERRIDES
 from .helpers import assert_adapters_close, assert_no_private_tensors, inprocess_reference

@@ -12,7 +12,7 @@ import pytest
 
 from fedblend.deploy.local import LocalDeployment, app_dir, deploy_local
 from fedblend.engines.flower.faults import KILL_NODE_ENV, KILL_SERVER_ENV
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 from .conftest import TINY, TINY_OVERRIDES
 from .helpers import assert_adapters_close, inprocess_reference

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedblend.deploy.local import deploy_local
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 from .conftest import ROOT
 from .helpers import assert_no_private_tensors, inprocess_reference

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedblend.config import load_config
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 from .conftest import CIFAR, REPO
 
@@ -59,7 +59,7 @@ def test_tiny_clip_domain_federation_reports_unseen(tmp_path):
 
 
 def test_resume_continues_a_vision_run(tmp_path):
-    from fedblend.reports.rundir import RunDir
+    from fedblend.store.rundir import RunDir
 
     cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false")
     out = tmp_path / "r"
@@ -95,7 +95,7 @@ def test_efficientnet_on_real_cifar10(tmp_path):
 
 def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
     from fedblend.comm.codec import decode
-    from fedblend.reports.rundir import load_state
+    from fedblend.store.files import load_state
 
     sent: list[bytes] = []
     out = tmp_path / "p"
@@ -134,7 +134,7 @@ def test_zeroshot_without_text_tower_is_a_config_error(tmp_path):
 
 
 def test_reevaluating_a_vision_run_reproduces_its_accuracy(tmp_path):
-    from fedblend.experiment import evaluate_run
+    from fedblend.runner import evaluate_run
 
     cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true")
     s = run_experiment(cfg, tmp_path / "run")

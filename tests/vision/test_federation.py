@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from fedblend.config import config_from_dict
-from fedblend.data.federation import partition_by_label
+from fedblend.partition import partition_by_label
 from fedblend.vision.federation import build_image_federation, long_tail_counts, make_long_tail
 from fedblend.vision.images import ImageExample
 

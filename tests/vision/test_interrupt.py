@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 from .conftest import REPO
 from .test_e2e import _smoke

@@ -72,7 +72,7 @@ def test_grayscale_classlabel_parquet_trains_fedclip_end_to_end(tmp_path, tiny_c
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as HFImage
 
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
 
     datasets.disable_progress_bars()
     root = tmp_path / "shapes"

@@ -61,7 +61,7 @@ def test_federated_standardisation_pools_the_clients_statistics(tmp_path, tiny_c
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from fedblend.experiment import run_experiment
+    from fedblend.runner import run_experiment
     from fedblend.vision.backbones import load_backbone
     from fedblend.vision.federation import build_image_federation
     from fedblend.vision.trainer import VisionTrainer

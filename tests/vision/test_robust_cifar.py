@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedblend.experiment import run_experiment
+from fedblend.runner import run_experiment
 
 from .conftest import CIFAR
 

@@ -28,8 +28,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from fedblend.adapters.lora import DualLoRA
-
-State = Mapping[str, Mapping[str, torch.Tensor]]
+from fedblend.comm.codec import State
 
 
 class RowIndex:

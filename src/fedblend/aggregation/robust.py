@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedblend.comm.codec import Tensors
+from fedblend.comm.codec import State
 
-State = dict[str, Tensors]
 RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 
 

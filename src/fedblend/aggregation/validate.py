@@ -9,10 +9,8 @@ import math
 
 import torch
 
-from fedblend.comm.codec import Message, Tensors
+from fedblend.comm.codec import Message, State, Tensors
 from fedblend.comm.compress import decompress
-
-State = dict[str, Tensors]
 
 
 def delta_norm(update: dict[str, Tensors], reference: State) -> float:

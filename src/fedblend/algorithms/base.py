@@ -28,10 +28,8 @@ from typing import Any
 import torch
 
 from fedblend.aggregation.fedavg import weighted_mean
-from fedblend.comm.codec import Message, Tensors
+from fedblend.comm.codec import Message, State, Tensors
 from fedblend.config import ExperimentConfig
-
-State = dict[str, Tensors]
 
 MOMENTUM = "server_momentum."  # server-state key prefix of a role's momentum buffer (never sent)
 

@@ -33,7 +33,7 @@ from fedblend.bench.text import evaluate_timed, has_cross_client_batch, train_se
 from fedblend.bench.vision import check_images, images_per_s
 from fedblend.config import ExperimentConfig, config_from_dict
 from fedblend.errors import ConfigError, FedblendError
-from fedblend.modalities.base import peak_rss_mb
+from fedblend.modality import peak_rss_mb
 from fedblend.runlog import third_party_to
 
 Say = Callable[[str], None]
@@ -90,7 +90,7 @@ def check_inputs(scale: str, data_dir: Path, images_dir: Path) -> None:
     if not (data_dir / "test.jsonl").is_file():
         raise ConfigError(f"--data: no flan8 data (test.jsonl) in {data_dir}")
     check_images(images_dir)
-    from fedblend.backbones.text import smollm2_checkpoint
+    from fedblend.text.backbone import smollm2_checkpoint
 
     smollm2_checkpoint()  # ConfigError naming the offline package when it is missing
 
@@ -199,7 +199,7 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     if dpa is not None:
         train_detail["feddpa_t"] = dpa.train
         cross = has_cross_client_batch(dpa.cfg)
-        from fedblend.eval.metrics import score
+        from fedblend.text.metrics import score
 
         score(["warm up"], ["warm up"])  # one-time imports of the scorer: not evaluation time
         ev["P"] = phase("eval_P", partial(evaluate_timed, dpa, ttp=False, probe=probe))

@@ -27,7 +27,7 @@ def count_bytes(model: Any) -> int:
 
 
 def backbone_bytes_of(model: Any) -> int:
-    from fedblend.backbones import text
+    from fedblend.text import backbone as text
 
     fn = getattr(text, "backbone_bytes", None)  # the loader's own count, where it has one
     return int(fn(model)) if fn is not None else count_bytes(model)
@@ -87,7 +87,7 @@ def own_peak_rss_mb() -> float:
     """This process's own peak resident set: Linux's VmHWM, which an ``exec`` resets
     (``ru_maxrss`` keeps the forking parent's high-water mark across it); elsewhere
     ``ru_maxrss``."""
-    from fedblend.modalities.base import peak_rss_mb
+    from fedblend.modality import peak_rss_mb
 
     try:
         with open("/proc/self/status") as f:
@@ -103,8 +103,8 @@ def measure_one(model: dict[str, Any], seed: int) -> dict[str, Any]:
     """Load the backbone as a run does, run one forward pass, count bytes and peak RSS."""
     import torch
 
-    from fedblend.backbones.text import format_prompt, load_text_backbone
     from fedblend.config import ModelConfig
+    from fedblend.text.backbone import format_prompt, load_text_backbone
 
     cfg = ModelConfig.model_validate(model)
     net, tok = load_text_backbone(cfg, seed)

@@ -18,10 +18,11 @@ from fedblend.algorithms.base import Algorithm, ClientContext, client_seed
 from fedblend.bench.flops import LinearCounts, RateProbe, eval_flops, linear_counts, train_flops
 from fedblend.config import ExperimentConfig
 from fedblend.engines.inprocess import local_dispatch
-from fedblend.modalities import Modality, Prepared, modality_for
-from fedblend.reports.rundir import RunDir
+from fedblend.modalities import modality_for
+from fedblend.modality import Modality, Prepared
 from fedblend.rounds import LoopResult, run_round_loop
 from fedblend.runner import initial_states
+from fedblend.store.rundir import RunDir
 
 
 @dataclass

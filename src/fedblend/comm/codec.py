@@ -16,6 +16,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 Tensors = dict[str, torch.Tensor]
+State = dict[str, Tensors]
+"""Named tensors grouped by role (``global``, ``local``, ...): a client's or the server's state."""
 SEP = "::"
 
 

@@ -301,7 +301,7 @@ def deploy_local(
     ``gpus`` pins SuperNode i to GPU ``gpus[i % len(gpus)]``.
     """
     from fedblend.deploy.certs import make_certs
-    from fedblend.reports.rundir import RunDir
+    from fedblend.store.rundir import RunDir
 
     out = Path(out).resolve()
     if resume and not (out / "checkpoint" / "state.json").is_file():

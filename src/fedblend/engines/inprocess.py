@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
 from fedblend.comm.codec import Message
 from fedblend.config import ExperimentConfig
-from fedblend.reports.rundir import RunDir
 from fedblend.rounds import (  # noqa: F401  (re-exported: the engine's public names)
     Dispatch,
     LoopResult,
@@ -28,6 +26,7 @@ from fedblend.rounds import (  # noqa: F401  (re-exported: the engine's public n
     select_clients,
     with_client_seconds,
 )
+from fedblend.store.rundir import RunDir
 from fedblend.trust import FAULT, fault_dropped
 
 
@@ -68,15 +67,6 @@ def local_dispatch(
         return updates, dropped
 
     return dispatch
-
-
-def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, resume: bool = False, tap: Tap | None = None
-) -> dict[str, Any]:
-    """Run ``cfg`` (either modality) on this engine; returns its summary."""
-    from fedblend import runner
-
-    return runner.run_experiment(cfg, out, local_dispatch, resume=resume, tap=tap)
 
 
 def run_rounds(

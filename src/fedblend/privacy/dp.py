@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from fedblend.comm.codec import Tensors
+from fedblend.comm.codec import State
 
-State = dict[str, Tensors]
 ACCOUNTANT = "dp_accounting.rdp.RdpAccountant (Poisson-sampled Gaussian)"
 
 

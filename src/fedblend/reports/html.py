@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fedblend.errors import FedblendError
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 
 def _png(fig) -> str:

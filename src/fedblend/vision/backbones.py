@@ -15,6 +15,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from fedblend.config import VisionConfig
 from fedblend.device import autocast, resolve_device
 from fedblend.errors import ConfigError
-from fedblend.vision.quant import NF4Conv2d, module_bytes, quantize_nf4
+from fedblend.quant import NF4Conv2d, module_bytes, quantize_nf4
 
 EFFNET_MEAN = [0.498, 0.498, 0.498]  # EfficientNet-Lite: (x - 127) / 128
 EFFNET_STD = [0.502, 0.502, 0.502]
@@ -213,11 +214,12 @@ def load_backbone(v: VisionConfig, class_names: Sequence[str], seed: int) -> Vis
                           extra={"mean": mean, "std": std})
 
 
-def on_device(bb: VisionBackbone, device: str, dtype: str) -> VisionBackbone:
-    """Run the frozen backbone on ``model.device`` under ``model.dtype`` autocast. Features come
+def on_device(bb: VisionBackbone, device: Any, dtype: str) -> VisionBackbone:
+    """Run the frozen backbone on ``device`` (a ``torch.device``, or a ``model.device`` name)
+    under ``model.dtype`` autocast. Features come
     back as float32 CPU tensors: the cache, adapters and heads stay on the CPU (they are small);
     backbone LoRA (injected later) lives beside its base layers on the device."""
-    dev = resolve_device(device)
+    dev = resolve_device(device) if isinstance(device, str) else device
     if dev.type == "cpu" and dtype == "float32":
         return bb
     (bb.clip if bb.clip is not None else bb.module).to(dev)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedblend.config import ExperimentConfig
-from fedblend.data.federation import partition_by_label
 from fedblend.errors import ConfigError, DataError
+from fedblend.partition import partition_by_label
 from fedblend.vision.images import CIFAR10_CLASSES, ImageExample, synthetic_images
 from fedblend.vision.parquet import read_image_table, resolve_classes
 

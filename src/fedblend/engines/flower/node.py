@@ -28,14 +28,15 @@ from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import ExperimentConfig, config_from_dict
 from fedblend.engines.flower import wire
 from fedblend.errors import ConfigError
-from fedblend.modalities import Modality, Prepared, modality_for
-from fedblend.reports.rundir import load_state, save_state
+from fedblend.modalities import modality_for
+from fedblend.modality import Modality, Prepared
+from fedblend.store.files import load_state, save_state
 
 STATE_RECORD = "fedblend.client_state"  # key in context.state (stays on the node)
 
 
 def default_state_root() -> Path:
-    from fedblend.backbones.text import cache_dir
+    from fedblend.text.backbone import cache_dir
 
     return cache_dir() / "flower-nodes"
 

@@ -39,9 +39,10 @@ from fedblend.comm.codec import decode
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.engines.flower import faults, wire
 from fedblend.errors import ConfigError, FedblendError
-from fedblend.modalities import Modality, modality_for
-from fedblend.reports.rundir import RunDir
+from fedblend.modalities import modality_for
+from fedblend.modality import Modality
 from fedblend.rounds import Transport, run_round_loop, with_client_seconds
+from fedblend.store.rundir import RunDir
 
 app = ServerApp()
 
@@ -232,7 +233,7 @@ class FlowerClients:
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int,
           start_round: int = 0) -> dict[str, Any]:
-    from fedblend.runner import complete_run, resume_checkpoint
+    from fedblend.rounds import complete_run, resume_checkpoint
 
     t0 = time.perf_counter()
     if cfg.engine.threads:

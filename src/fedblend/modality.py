@@ -10,6 +10,7 @@ server's summary from the nodes' replies.
 
 from __future__ import annotations
 
+import functools
 import resource
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.comm.codec import Message
 from fedblend.config import ExperimentConfig
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
 
 Advance = Callable[[int], None]
 
@@ -55,6 +56,14 @@ class Modality(ABC):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+
+    @functools.cached_property
+    def device(self) -> Any:
+        """The ``torch.device`` that ``model.device`` names here: resolved once per run, and
+        every backbone of the run is placed on it."""
+        from fedblend.device import resolve_device
+
+        return resolve_device(self.cfg.model.device)
 
     # ---- setup ----------------------------------------------------------------------------
     @abstractmethod

@@ -17,13 +17,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedblend.config import ModelConfig
 from fedblend.device import compute_dtype, resolve_device, torch_dtype
 from fedblend.errors import ConfigError
-from fedblend.vision.quant import quant_state_bytes
+from fedblend.quant import quant_state_bytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -132,7 +133,7 @@ def _bnb_config(cfg: ModelConfig):
         raise ConfigError(f"model.quantization: {cfg.quantization!r} needs bitsandbytes: "
                           "pip install 'bitsandbytes>=0.49'")
     # bitsandbytes' CPU (de)quantization is wrapped in torch.compile, which recompiles for
-    # every weight shape; eager mode is as fast here (see fedblend.vision.quant)
+    # every weight shape; eager mode is as fast here (see fedblend.quant)
     torch._dynamo.config.disable = True
     if cfg.quantization == "int8":
         # LLM.int8 casts float32 inputs to float16 by design; bitsandbytes logs it on every matmul
@@ -159,13 +160,14 @@ def _from_pretrained(path: Path, cfg: ModelConfig, device: torch.device):
     )
 
 
-def load_text_backbone(cfg: ModelConfig, seed: int = 0):
-    """Return ``(model, tokenizer)``: a frozen causal LM in eval mode on ``model.device``, its
+def load_text_backbone(cfg: ModelConfig, seed: int = 0, device: Any = None):
+    """Return ``(model, tokenizer)``: a frozen causal LM in eval mode on ``device`` (the run's,
+    :attr:`fedblend.modality.Modality.device`; ``None``: the one ``model.device`` names), its
     weights in ``model.dtype`` or quantized (``model.quantization``), and its tokenizer."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if device is None else device
     if cfg.source == "tiny":
         model, tok = _tiny(cfg, seed)
         if cfg.quantization == "none":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from fedblend.data.sources import Example
+from fedblend.text.sources import Example
 
 _WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "pencil", "forest", "candle", "silver", "tiger", "ocean", "mountain", "button", "rocket", "violin", "lemon", "castle", "harbor", "meadow"]
 

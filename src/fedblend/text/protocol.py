@@ -3,7 +3,7 @@
 P(k) = client k's model on its own task's test examples; TTP(k) = the same model on every
 client's task, averaged (own task included). Client models that are identical (the same
 adapters and the same fixed mixing, as in FedIT) are evaluated once and shared. With
-``eval.cross_client_batch`` the clients' generations share batches (:mod:`fedblend.eval.batched`).
+``eval.cross_client_batch`` the clients' generations share batches (:mod:`fedblend.text.batched_eval`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State, load_into
 from fedblend.comm.codec import Message
-from fedblend.data.federation import Federation
-from fedblend.eval.batched import Job, batchable, embed_across_clients, generate_across_clients
-from fedblend.eval.metrics import METRICS, score
+from fedblend.text.batched_eval import Job, batchable, embed_across_clients, generate_across_clients
+from fedblend.text.federation import Federation
+from fedblend.text.metrics import METRICS, score
 
 
 @dataclass

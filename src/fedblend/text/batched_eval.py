@@ -1,6 +1,6 @@
 """Cross-client batched P/TTP: every client's model answers every task in shared batches.
 
-Client after client (:func:`fedblend.eval.protocol.evaluate_client`), each (client, task) pair
+Client after client (:func:`fedblend.text.protocol.evaluate_client`), each (client, task) pair
 is one ``generate`` call: with few test instances per task the batches are small, and the
 frozen backbone runs once per client. Here the rows of every (client, task) pair that needs
 generating are packed together, sorted by prompt length and cut into batches of

@@ -8,12 +8,12 @@ from dataclasses import asdict
 from typing import Any
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State
-from fedblend.backbones.text import backbone_bytes
 from fedblend.comm.codec import Message
-from fedblend.eval.protocol import ClientEval, evaluate_client, evaluate_text, summarize
-from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
+from fedblend.modality import Evaluation, Modality, Prepared, peak_rss_mb
 from fedblend.plain_progress import label, say
-from fedblend.reports.rundir import RunDir
+from fedblend.store.rundir import RunDir
+from fedblend.text.backbone import backbone_bytes
+from fedblend.text.protocol import ClientEval, evaluate_client, evaluate_text, summarize
 from fedblend.trust import last_privacy
 
 
@@ -21,7 +21,7 @@ class TextModality(Modality):
     name = "text"
 
     def build_federation(self) -> Any:
-        from fedblend.data.federation import build_federation
+        from fedblend.text.federation import build_federation
 
         return build_federation(self.cfg)
 
@@ -33,10 +33,10 @@ class TextModality(Modality):
         }}
 
     def load_trainer(self, desc: dict[str, Any]) -> Any:
-        from fedblend.backbones.text import load_text_backbone
-        from fedblend.trainers.text import TextTrainer
+        from fedblend.text.backbone import load_text_backbone
+        from fedblend.text.trainer import TextTrainer
 
-        backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed)
+        backbone, tok = load_text_backbone(self.cfg.model, self.cfg.seed, self.device)
         return TextTrainer(self.cfg, backbone, tok)
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from fedblend.adapters.lora import DualLoRA, Weight
-from fedblend.backbones.text import format_prompt
 from fedblend.config import ExperimentConfig
-from fedblend.data.sources import Example
 from fedblend.device import autocast
+from fedblend.text.backbone import format_prompt
+from fedblend.text.sources import Example
 
 ProgressFn = Callable[[int], None]
 # per-batch context around the forward, given the batch's instruction indices (cross-client

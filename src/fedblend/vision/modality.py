@@ -14,8 +14,8 @@ import torch
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.comm.codec import Message
 from fedblend.config import ExperimentConfig
-from fedblend.modalities.base import Evaluation, Modality, Prepared, peak_rss_mb
-from fedblend.reports.rundir import RunDir
+from fedblend.modality import Evaluation, Modality, Prepared, peak_rss_mb
+from fedblend.store.rundir import RunDir
 from fedblend.trust import last_privacy
 
 ROUND_ACCURACY = "eval/accuracy_per_round.json"
@@ -104,7 +104,7 @@ class VisionModality(Modality):
         from fedblend.vision.trainer import VisionTrainer
 
         backbone = load_backbone(self.cfg.vision, desc["class_names"], self.cfg.seed)
-        backbone = on_device(backbone, self.cfg.model.device, self.cfg.model.dtype)
+        backbone = on_device(backbone, self.device, self.cfg.model.dtype)
         return VisionTrainer(self.cfg, backbone, len(desc["class_names"]))
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,

@@ -1,19 +1,19 @@
-"""Text and vision behind one interface (:class:`~fedblend.modalities.base.Modality`)."""
+"""Which modality runs a config: text and vision sit behind one interface
+(:class:`fedblend.modality.Modality`), implemented in :mod:`fedblend.text.modality` and
+:mod:`fedblend.vision.modality`."""
 
 from __future__ import annotations
 
 from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
-from fedblend.modalities.base import Evaluation, Modality, Prepared
-
-__all__ = ["Evaluation", "Modality", "Prepared", "modality_for"]
+from fedblend.modality import Modality
 
 
 def modality_for(cfg: ExperimentConfig) -> Modality:
     """The modality of ``cfg``'s algorithm (vision algorithms: vision; the rest: text)."""
     if cfg.algorithm in VISION_ALGORITHMS:
-        from fedblend.modalities.vision import VisionModality
+        from fedblend.vision.modality import VisionModality
 
         return VisionModality(cfg)
-    from fedblend.modalities.text import TextModality
+    from fedblend.text.modality import TextModality
 
     return TextModality(cfg)
