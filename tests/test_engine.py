@@ -159,8 +159,8 @@ def test_sigterm_while_a_checkpoint_is_written_leaves_a_consistent_one(tmp_path:
     import os
     import signal
 
-    from fedblend.store import rundir as rd
     from fedblend.signals import Interrupted, sigterm_interrupts
+    from fedblend.store import rundir as rd
 
     run = rd.RunDir(tmp_path / "run")
     old = {"global": {"w": torch.zeros(2)}}

@@ -1,5 +1,7 @@
-"""The fedblend command line: federated personalized PEFT experiments (FedDPA on text LMs,
-TriplePlay/FedCLIP on frozen image features), run, compared, re-evaluated and reported."""
+"""fedblend: federated, personalized, parameter-efficient fine-tuning (FedDPA on text LMs, TriplePlay on image features).
+
+Run, compare, re-evaluate and report experiments; `fedblend demo` runs the embedded default.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +19,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
-from rich.table import Table
 
-from fedblend.console import _fail, _fmt_bytes, console, err_console, print_summary, user_errors
+from fedblend.console import (
+    _fail,
+    console,
+    err_console,
+    fmt_bytes,
+    print_summary,
+    table,
+    user_errors,
+)
 from fedblend.errors import FedblendError
 
 # suggest_commands=False: click itself now says "Did you mean 'run'?"; typer's copy doubled it
@@ -107,9 +116,8 @@ def evaluate(
 
 
 def _print_sweep(result: dict[str, Any], out: Path) -> None:
-    t = Table(title=f"{result['algorithm']} re-evaluated from {result['source']}")
-    for col in ("setting", "mean P", "mean TTP", "eval s"):
-        t.add_column(col, justify="left" if col == "setting" else "right")
+    t = table(f"{result['algorithm']} re-evaluated from {result['source']}",
+              [("setting", "name"), ("mean P", "number"), ("mean TTP", "number"), ("eval s", "number")])
     for r in result["rows"]:
         p = f"{r['P']:.4f}" if "P" in r else "-"
         ttp = f"{r['TTP']:.4f}" if "TTP" in r else "-"
@@ -161,22 +169,22 @@ def _print_compare(result: dict[str, Any], out: Path) -> None:
     vision = any("accuracy" in r for r in result["runs"])
     cols = ("accuracy", "tail accuracy") if vision else ("P", "TTP")
     n = len(result.get("seeds") or [])
-    t = Table(title=f"comparison (same federation; {n} seed{'s' if n != 1 else ''} per method)")
-    for col in ("method", *(c if vision else f"mean {c}" for c in cols), "bytes up", "bytes down", "wall s"):
-        t.add_column(col, justify="left" if col == "method" else "right")
+    t = table(f"comparison (same federation; {n} seed{'s' if n != 1 else ''} per method)",
+              [("method", "name"), *((c if vision else f"mean {c}", "number") for c in cols),
+               ("bytes up", "number"), ("bytes down", "number"), ("wall s", "number")])
     for r in result["runs"]:
         cells = []
         for c in cols:
             st = per.get(r["label"], {}).get(c)
             point = r.get(c) if not vision else (r.get("accuracy") or {}).get("overall" if c == "accuracy" else "tail")
             cells.append(fmt(st) if st else (f"{point:.4f}" if point is not None else "-"))
-        t.add_row(escape(r["label"]), *cells, _fmt_bytes(r["bytes_up"]), _fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}")
+        t.add_row(escape(r["label"]), *cells, fmt_bytes(r["bytes_up"]), fmt_bytes(r["bytes_down"]), f"{r['wall_s']:.1f}")
     console.print(t)
     pairs = (result.get("stats") or {}).get("pairs", [])
     if pairs:
-        d = Table(title="paired differences a - b (paired by seed and test instance)")
-        for col in ("a", "b", "metric", "a - b", "significant"):
-            d.add_column(col, justify="left" if col in ("a", "b", "metric") else "right")
+        d = table("paired differences a - b (paired by seed and test instance)",
+                  [("a", "name"), ("b", "name"), ("metric", "name"), ("a - b", "number"),
+                   ("significant", "number")])
         for p in pairs:
             sig = p["diff"]["significant"]
             d.add_row(escape(p["a"]), escape(p["b"]), escape(p["metric"]), fmt(p["diff"]), "yes *" if sig else "no",
@@ -186,6 +194,10 @@ def _print_compare(result: dict[str, Any], out: Path) -> None:
         console.print(f"{interval_note(result)}; * = the interval excludes 0")
     elif (result.get("stats") or {}).get("error"):
         console.print(f"no intervals: {result['stats']['error']}")
+    data = result.get("data")
+    if data:
+        name = "built-in synthetic tasks" if data["kind"] == "synthetic" else "flan8"
+        console.print(f"data: {name}: {data['description']}", highlight=False, soft_wrap=True)
     metric = next((r["metric"] for r in result["runs"] if "metric" in r), None)
     if metric:
         what = "accuracy on the balanced test set, mean over clients" if vision else f"mean {metric} over clients"
@@ -226,17 +238,37 @@ def demo(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="comparison directory")] = Path("runs/demo"),
     seeds: SeedsOpt = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="a flan8 folder (local_training_<client>.json, test.jsonl); default: "
+        "../shared/data/flan8 when present, else built-in synthetic tasks")] = None,
 ) -> None:
-    """The embedded default: local vs fedit vs feddpa_f with SmolLM2 on a small flan8
-    federation, offline, with intervals over seeds and test instances."""
-    from fedblend.compare import DEMO_SEEDS, demo_configs, run_compare, seed_list
+    """Run the embedded default: local vs fedit vs feddpa_f with SmolLM2, offline.
+
+    Four flan8 clients (or built-in synthetic tasks when no flan8 folder is found), 2 seeds,
+    with intervals over seeds and test instances. It says what data it runs on and how long it
+    should take before it starts.
+    """
+    from fedblend.compare import (
+        DEMO_SEEDS,
+        data_notice,
+        demo_configs,
+        demo_data,
+        run_compare,
+        seed_list,
+    )
 
     with user_errors():
-        cfgs = demo_configs(set_ or [])
+        cfgs = demo_configs(set_ or [], data)
+        n_seeds = seeds or DEMO_SEEDS
+        info = demo_data(cfgs[0], n_seeds, overridden=bool(set_))
+        console.print(f"fedblend demo: {', '.join(c.algorithm for c in cfgs)}", highlight=False)
+        for line in data_notice(info):
+            console.print(line, highlight=False, soft_wrap=True)
         before = _finished_runs(out)
-        argv = ["demo", *_sets(set_), "--out", str(out), *(["--seeds", str(seeds)] if seeds else [])]
+        argv = ["demo", *_sets(set_), "--out", str(out), *(["--seeds", str(seeds)] if seeds else []),
+                *(["--data", str(data)] if data else [])]
         with _interruptible(argv, out, resume_flag=False):
-            result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, seeds or DEMO_SEEDS))
+            result = run_compare(cfgs, out, resume=True, seeds=seed_list(cfgs[0].seed, n_seeds), data=info)
     _say_reused(before, out)
     _print_compare(result, out)
 
@@ -280,9 +312,8 @@ def reproduce(
     with user_errors(), _interruptible(argv, out_dir, resume_flag=False):
         doc = run_reproduce(paper, budget, out_dir, set_ or [], say=lambda m: console.print(escape(m)),
                             n_seeds=seeds)
-    t = Table(title=f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)")
-    for col in ("claim", "measured", "a - b", "verdict"):
-        t.add_column(col)
+    t = table(f"{paper} claims at budget {budget} ({len(doc['seeds'])} seed(s), {doc['wall_s'] / 60:.1f} min)",
+              [("claim", "name"), ("measured", "name"), ("a - b", "name"), ("verdict", "name")])
     for c in doc["claims"]:
         t.add_row(escape(c["claim"]), *(escape(x) for x in claim_cells(c)))
     console.print(t)
@@ -299,9 +330,11 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default")] = 0,
     model: Annotated[str, typer.Option("--model", hidden=True, help="tiny: random tiny models (tests)")] = "smollm2",
 ) -> None:
-    """Measure how close a round comes to the machine: matmul peak, training and evaluation
-    efficiency (fedit, feddpa_t on flan8 + SmolLM2), cross-client TTP speed-up, the naive
-    reference's round time, memory per quantization, images/s; writes --out."""
+    """Measure how close a round comes to the machine's matmul peak; writes --out.
+
+    Training and evaluation efficiency (fedit, feddpa_t on flan8 + SmolLM2), cross-client TTP
+    speed-up, the naive reference's round time, memory per quantization, images/s.
+    """
     from fedblend.bench import bench as run_bench
     from fedblend.bench import print_bench
 

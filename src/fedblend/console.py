@@ -4,18 +4,50 @@ table of a run and the one-red-line rendering of user errors."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 from fedblend.errors import FedblendError
 
-console = Console()
-err_console = Console(stderr=True)
+NOT_A_TERMINAL_WIDTH = 1000
+
+
+class _Console(Console):
+    """A rich Console whose tables fit a terminal's width, and which prints full-width when its
+    output is not a terminal (a file, a pipe, CI): rich's 80-column default there cut method
+    names and broke numbers over two lines. ``COLUMNS`` still sets the width when given."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self._width is None and not self.is_terminal and "COLUMNS" not in os.environ:
+            return ConsoleDimensions(NOT_A_TERMINAL_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
+
+
+def table(title: str | None, columns: list[tuple[str, str]]) -> Table:
+    """A results table: ``columns`` as (header, "name" | "number"). Names wrap (fold) rather than
+    being cut with an ellipsis when the terminal is narrow; numbers never break over lines."""
+    t = Table(title=title)
+    for header, kind in columns:
+        if kind == "name":
+            t.add_column(header, overflow="fold")
+        else:
+            t.add_column(header, justify="right", no_wrap=True)
+    return t
 
 
 def _fail(e: FedblendError) -> None:
@@ -32,7 +64,7 @@ def user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -43,12 +75,8 @@ def _fmt_bytes(n: float) -> str:
 def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
     """The results table of one run, from its summary."""
     title = f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')}"
-    t = Table(title=title)
+    t = table(title, [("client", "number"), ("task", "name"), ("P", "number"), ("TTP", "number")])
     if "clients" in summary and summary["clients"] and "P" in next(iter(summary["clients"].values())):
-        t.add_column("client", justify="right")
-        t.add_column("task")
-        t.add_column("P", justify="right")
-        t.add_column("TTP", justify="right")
         for cid, c in summary["clients"].items():
             t.add_row(cid, c["task"], f"{c['P']:.4f}", f"{c['TTP']:.4f}")
         t.add_row("mean", "", f"{summary['mean']['P']:.4f}", f"{summary['mean']['TTP']:.4f}", style="bold")
@@ -64,7 +92,7 @@ def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
         console.print(acc)
     comm, tm = summary.get("comm", {}), summary.get("time", {})
     console.print(
-        f"sent up {_fmt_bytes(comm.get('bytes_up', 0))}, down {_fmt_bytes(comm.get('bytes_down', 0))}; "
+        f"sent up {fmt_bytes(comm.get('bytes_up', 0))}, down {fmt_bytes(comm.get('bytes_down', 0))}; "
         f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
         + (f"; run dir {out}" if out else "")
     )

@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from fedblend.bench.flops import TARGETS
-from fedblend.console import _fmt_bytes, console
+from fedblend.console import console, fmt_bytes
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, bool | None]:
@@ -57,7 +57,7 @@ def print_bench(result: dict[str, Any], out: Any = None) -> None:
     for col in ("measure", "none", "int8", "nf4"):
         m.add_column(col, justify="left" if col == "measure" else "right")
     bb, rss = result["backbone_bytes"], result["peak_rss_mb"]
-    m.add_row("backbone bytes", *(_fmt_bytes(bb[q]) if bb[q] is not None else "n/a" for q in bb))
+    m.add_row("backbone bytes", *(fmt_bytes(bb[q]) if bb[q] is not None else "n/a" for q in bb))
     m.add_row("peak RSS MB", *(_num(rss[q], ".0f") for q in rss))
     console.print(m)
     spr, ovh = result["seconds_per_round"], result["engine_overhead_s_per_round"]

@@ -24,8 +24,10 @@ def local(
     gpus: Annotated[str | None, typer.Option("--gpus", help="GPU indices, e.g. 0,1: SuperNode i "
                                              "sees only GPU i mod len (CUDA_VISIBLE_DEVICES)")] = None,
 ) -> None:
-    """Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG, collect the run directory,
-    stop every process (also on failure or Ctrl-C)."""
+    """Run CONFIG on a SuperLink and N SuperNodes started on 127.0.0.1.
+
+    Collects the run directory and stops every process, also on failure or Ctrl-C.
+    """
     from fedblend.config import load_config
     from fedblend.console import print_summary, user_errors
     from fedblend.deploy.local import deploy_local

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedblend.console import fmt_bytes
 from fedblend.errors import FedblendError
 from fedblend.store.rundir import RunDir
 
@@ -21,13 +22,21 @@ from fedblend.store.rundir import RunDir
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # legends placed beside the axes stay in
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def _img(title: str, b64: str) -> str:
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def fmt_seconds(s: float | None) -> str:
+    """Seconds as a person reads them: ``42.8014`` -> ``43 s``, ``7.31`` -> ``7.3 s``,
+    ``725`` -> ``12.1 min``."""
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 10 else (f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min")
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -181,9 +190,10 @@ def write_report(path: str | Path) -> Path:
         parts.append("<h2>Scores</h2>" + _table(["client", "task", "P", "TTP"], rows))
     comm, t, mem = s.get("comm", {}), s.get("time", {}), s.get("memory", {})
     parts.append("<h2>Cost</h2>" + _table(
-        ["bytes up", "bytes down", "wall s", "train s", "eval s", "peak RSS MB"],
-        [[comm.get("bytes_up", 0), comm.get("bytes_down", 0), t.get("wall_s", 0.0),
-          t.get("train_s", 0.0), t.get("eval_s", 0.0), mem.get("peak_rss_mb", 0.0)]],
+        ["bytes up", "bytes down", "wall", "training", "evaluation", "peak RSS"],
+        [[fmt_bytes(comm.get("bytes_up", 0)), fmt_bytes(comm.get("bytes_down", 0)),
+          fmt_seconds(t.get("wall_s")), fmt_seconds(t.get("train_s")), fmt_seconds(t.get("eval_s")),
+          f"{mem.get('peak_rss_mb', 0.0):.0f} MB"]],
     ))
     if "accuracy" in s:
         acc = {k: v for k, v in s["accuracy"].items() if k not in ("per_client", "reference")}

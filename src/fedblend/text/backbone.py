@@ -11,11 +11,14 @@ Nothing here ever reaches a hub.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,23 @@ def smollm2_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """No "Converting and de-quantizing GGUF tensors" bar on the terminal: transformers' GGUF
+    reader calls ``tqdm.auto.tqdm`` directly, outside its own progress-bar switch."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def smollm2_checkpoint() -> Path:
     """A safetensors copy of SmolLM2-135M-Instruct in the cache (made once from the GGUF)."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
@@ -100,8 +120,9 @@ def smollm2_checkpoint() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    with _quiet_gguf():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
