@@ -200,6 +200,7 @@ def write_compare_report(out: Path, result: dict[str, Any]) -> Path:
                    yerr=[[e[0] for e in errs], [e[1] for e in errs]], capsize=3)
         ax.set_xticks(list(x), [r["label"] for r in text_rows], rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(text_rows[0]["metric"])
+        ax.set_ylim(bottom=0)  # scores are in [0, 1]
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, not on them
         parts.append(_img("mean P and TTP per method (error bars: 95% interval)", _png(fig)))
     acc_rows = [r for r in rows if "accuracy" in r]
