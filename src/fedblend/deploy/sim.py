@@ -72,7 +72,7 @@ def expected_clients(cfg: ExperimentConfig) -> int | None:
 class SimResult:
     work: Path  # node state (nodes/), logs (logs/simulation.log)
     actors: int  # Ray actors the virtual nodes ran on (local Ray); 0 when unknown (cluster)
-    times: dict[str, float] = field(default_factory=dict)  # ray_init_s, simulation_s, wall_s
+    times: dict[str, float] = field(default_factory=dict)  # ray_init_s, simulation_s, ray_stop_s, wall_s
 
 
 @contextlib.contextmanager
@@ -202,11 +202,6 @@ def deploy_sim(
     run_config = {"config": str(Path(config).resolve()), "overrides": ";".join(overrides),
                   "out": str(out), "node-wait-s": node_wait_s,
                   "message-timeout-s": message_timeout_s, "resume": resume}
-    # imported before the logs are routed: importing flwr sets up its own console handler
-    import flwr.serverapp
-    import flwr.simulation  # noqa: F401
-    import ray  # noqa: F401
-
     from fedblend.runlog import third_party_to
 
     # a short private temp dir: Ray's socket paths must stay under ~107 characters
@@ -215,6 +210,12 @@ def deploy_sim(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
+        with _environ(env):
+            # imported with Ray's variables set (it reads some on import, e.g. the loopback
+            # switch) and before the logs are routed (importing flwr adds a console handler)
+            import flwr.serverapp
+            import flwr.simulation  # noqa: F401
+            import ray  # noqa: F401
         with _environ(env), third_party_to(work / "logs" / "simulation.log"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
             times["ray_init_s"] = _init_ray(ray_address, ray_cpus, gpus_per_client, temp_dir, verbose)
@@ -225,7 +226,9 @@ def deploy_sim(
                 stop.set()  # the ServerApp thread ends if the runtime stopped under it
                 times["simulation_s"] = time.perf_counter() - t
     finally:
-        _stop_ray()
+        t = time.perf_counter()
+        _stop_ray(None if ray_address else work / "nodes")
+        times["ray_stop_s"] = time.perf_counter() - t
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
     times["wall_s"] = time.perf_counter() - t0
@@ -269,12 +272,30 @@ def _run(nodes: int, server: Any, cpus_per_client: float, gpus_per_client: float
     )
 
 
-def _stop_ray() -> None:
-    """Flower shuts Ray down at the end of a run; also after a failure or Ctrl-C."""
-    if "ray" not in sys.modules:
-        return
-    import ray
+def _stop_ray(node_dir: Path | None = None, grace: float = 5.0) -> None:
+    """Flower shuts Ray down at the end of a run; also after a failure or Ctrl-C. Then, for a
+    private Ray (``node_dir``), end its worker processes still alive: after ``ray.shutdown()``
+    the actors outlived their raylet by about two minutes here, holding the backbone."""
+    if "ray" in sys.modules:
+        import ray
 
-    with contextlib.suppress(Exception):
-        if ray.is_initialized():
-            ray.shutdown()
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                ray.shutdown()
+    if node_dir is None:
+        return
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get("FEDBLEND_NODE_DIR") == str(node_dir):
+                mine.append(p)
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
