@@ -118,7 +118,8 @@ def tree_rss(pid: int) -> float:
 def measure(n: int, cpus_per_client: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"popsim{n}_") as tmp:
         out = Path(tmp) / "run"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        # Ray starts its workers at niceness 15; at 0 they run as the in-process engine does
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RAY_worker_niceness": "0"}
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, __file__, "--one", str(n), "--out", str(out),
                                  "--cpus-per-client", str(cpus_per_client)],
@@ -175,7 +176,8 @@ def write(results: dict[str, dict], note: str, cpus_per_client: float) -> None:
     doc = {"simulation": results,
            "setting": {"cpu": cpu_name(), "threads": os.cpu_count(), "base": "configs/tiny/fedit.toml",
                        "overrides": [o for o in overrides(0) if "num_clients" not in o and "data.dir" not in o],
-                       "cpus_per_client": cpus_per_client, "ray": ray.__version__, "note": note}}
+                       "cpus_per_client": cpus_per_client, "ray": ray.__version__,
+                       "ray_worker_niceness": 0, "note": note}}
     (RESULTS / "population_sim.json").write_text(json.dumps(doc, indent=2) + "\n")
     rows = [("| virtual clients | build s (Ray + discovery) | s / round (min-max) | eval s | peak RSS MB, tree (driver) "
             "| process wall s | run dir | node state | backbone loads / messages |"),
@@ -227,6 +229,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--cpus-per-client", type=float, default=1.0)
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    ap.add_argument("--keep", action="store_true", help="keep the other sizes already in the JSON")
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.out, args.cpus_per_client)))
@@ -234,6 +237,9 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: SST-2 not found")
     results: dict[str, dict] = {}
+    path = RESULTS / "population_sim.json"
+    if args.keep and path.is_file():  # add to the sizes measured before
+        results.update(json.loads(path.read_text())["simulation"])
     for n in args.sizes:
         reps = [measure(n, args.cpus_per_client) for _ in range(args.repeat)]
         results[str(n)] = combine(reps)
@@ -241,7 +247,8 @@ def main() -> None:
         print(f"N={n:>5}: build {r['build_s']:.1f} s, round {r['round_s']:.2f} s, eval {r['eval_s']:.1f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (driver {r['driver_peak_rss_mb']:.0f}), wall {r['wall_s']:.1f} s, "
               f"run dir {r['run_dir_bytes'] / 1e6:.2f} MB", flush=True)
-    write(results, args.note, args.cpus_per_client)
+        results = dict(sorted(results.items(), key=lambda kv: int(kv[0])))
+        write(results, args.note, args.cpus_per_client)  # after each N: a long run keeps what it has
 
 
 if __name__ == "__main__":

@@ -64,3 +64,19 @@ def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: 
         except psutil.Error:
             continue
     assert left == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--nodes", "5"], "--nodes 5: the config has 3 clients"),
+    (["--cpus-per-client", "64", "--ray-cpus", "2"], "not one virtual node fits in 2 CPUs"),
+])
+def test_bad_arguments_fail_in_one_line_before_ray_starts(tmp_path: Path, args: list[str], says: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedblend.cli import app
+
+    res = CliRunner().invoke(app, ["deploy", "sim", str(ROOT / "configs" / "tiny" / "fedit.toml"),
+                                   "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    assert says in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / ".r.sim").exists()
