@@ -79,11 +79,13 @@ def sim(
                 summary, res = deploy_sim(config, nodes, set_ or [], out_dir, cpus_per_client=cpus_per_client,
                                           gpus_per_client=gpus_per_client, ray_address=ray_address,
                                           ray_cpus=ray_cpus, resume=resume)
-        except KeyboardInterrupt as e:
-            from fedblend.signals import Interrupted
+        except KeyboardInterrupt as e:  # the run's status.json says "interrupted"
+            import sys
 
-            typer.echo(f"interrupted; {out_dir}/status.json says where it stopped "
-                       "(continue with the same command and --resume)", err=True)
+            from fedblend.signals import Interrupted, record_interrupt
+
+            sig = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
+            typer.echo(record_interrupt(out_dir, sys.argv[1:], sig) or f"interrupted ({sig})", err=True)
             raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
     print_summary(summary, out_dir)
     typer.echo(f"node state and local adapters: {res.work / 'nodes'}; Ray and Flower logs: {res.work / 'logs'}")

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -35,7 +37,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.deploy.local import QUIET_ENV
@@ -46,6 +48,9 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # never rebuild a uv environment in the workers
     "RAY_DEDUP_LOGS": "0",
+    # Ray's C++ core otherwise replaces Python's SIGTERM handler in this process: it printed a
+    # stack dump and killed the process, skipping the run's status and Ray's shutdown
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 # Linux: Ray's servers (GCS, raylet, workers) listen on 127.0.0.1 only; for a private,
 # single-machine Ray, never for a cluster
@@ -113,6 +118,58 @@ class _StoppableGrid:
                 break
             time.sleep(self._poll_s)
         return got
+
+
+class _Interrupt:
+    """SIGTERM and Ctrl-C during a simulation: stop the ServerApp (its Grid gives up, the run's
+    status.json says ``interrupted``), let Flower wind its runtime down, and raise afterwards
+    (:meth:`reraise`). Raising in the main thread right away instead left one of Flower's
+    worker threads waiting in ``ray.get`` on a Ray that was gone, and the process never
+    exited. Workers still busy after ``grace`` s (a long local update) are ended, so the
+    process exits within seconds. Only in the main thread (elsewhere Python has no handlers)."""
+
+    def __init__(self, stop: threading.Event, node_dir: Path | None, grace: float = 2.0) -> None:
+        self.stop, self.node_dir, self.grace = stop, node_dir, grace
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = signum
+        self.stop.set()
+        if first and self.node_dir is not None:
+            t = threading.Timer(self.grace, self._end_workers)
+            t.daemon = True
+            t.start()
+
+    def _end_workers(self) -> None:
+        assert self.node_dir is not None
+        # Ray's driver prints each worker death the raylet reports on stdout; ended on purpose,
+        # they are expected: log them at INFO (below Ray's level) instead (ray 2.55's function)
+        with contextlib.suppress(Exception):
+            from ray._private import worker as ray_worker
+
+            log = logging.getLogger("ray")
+            ray_worker.print_to_stdstream = lambda data, **kw: log.info("%s", data.get("lines"))
+        _end_processes(self.node_dir, workers_only=True)
+
+    def reraise(self) -> None:
+        from fedblend.signals import Interrupted
+
+        if self.signum == signal.SIGTERM:
+            raise Interrupted("SIGTERM")
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
 
 def _server_app(run_config: dict[str, Any], stop: threading.Event) -> Any:
@@ -209,6 +266,8 @@ def deploy_sim(
     stop = threading.Event()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
+    node_dir = None if ray_address else work / "nodes"
+    interrupt = _Interrupt(stop, node_dir)
     try:
         with _environ(env):
             # imported with Ray's variables set (it reads some on import, e.g. the loopback
@@ -219,19 +278,22 @@ def deploy_sim(
         with _environ(env), third_party_to(work / "logs" / "simulation.log"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
             times["ray_init_s"] = _init_ray(ray_address, ray_cpus, gpus_per_client, temp_dir, verbose)
-            t = time.perf_counter()
-            try:
-                _run(nodes, _server_app(run_config, stop), cpus_per_client, gpus_per_client, verbose)
-            finally:
-                stop.set()  # the ServerApp thread ends if the runtime stopped under it
-                times["simulation_s"] = time.perf_counter() - t
+            with interrupt:  # after ray.init, which sets a SIGTERM handler of its own (sys.exit)
+                t = time.perf_counter()
+                try:
+                    if not stop.is_set():
+                        _run(nodes, _server_app(run_config, stop), cpus_per_client, gpus_per_client, verbose)
+                finally:
+                    stop.set()  # the ServerApp thread ends if the runtime stopped under it
+                    times["simulation_s"] = time.perf_counter() - t
     finally:
         t = time.perf_counter()
-        _stop_ray(None if ray_address else work / "nodes")
+        _stop_ray(node_dir)
         times["ray_stop_s"] = time.perf_counter() - t
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
     times["wall_s"] = time.perf_counter() - t0
+    interrupt.reraise()
     run = RunDir(out)
     if not run.complete:
         raise FedblendError(f"the simulation ended but {out} is not complete; see {work / 'logs'}")
@@ -282,14 +344,20 @@ def _stop_ray(node_dir: Path | None = None, grace: float = 5.0) -> None:
         with contextlib.suppress(Exception):
             if ray.is_initialized():
                 ray.shutdown()
-    if node_dir is None:
-        return
+    if node_dir is not None:
+        _end_processes(node_dir, workers_only=False, grace=grace)
+
+
+def _end_processes(node_dir: Path, workers_only: bool, grace: float = 5.0) -> None:
+    """End the processes of this simulation's private Ray (they carry its ``FEDBLEND_NODE_DIR``);
+    ``workers_only``: the actors alone, not Ray's own servers."""
     import psutil
 
     mine = []
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if p.pid != os.getpid() and p.environ().get("FEDBLEND_NODE_DIR") == str(node_dir):
+            ours = p.pid != os.getpid() and p.environ().get("FEDBLEND_NODE_DIR") == str(node_dir)
+            if ours and (not workers_only or (p.cmdline() or [""])[0].startswith("ray::")):
                 mine.append(p)
     for p in mine:
         with contextlib.suppress(psutil.Error):
