@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-deploy_app = typer.Typer(no_args_is_help=True, help="Run on Flower's deployment engine (SuperLink + SuperNodes).")
+deploy_app = typer.Typer(no_args_is_help=True, help="Run on Flower: its deployment engine (SuperLink + "
+                         "SuperNodes) or its simulation runtime (virtual SuperNodes on Ray).")
 
 
 @deploy_app.command("local")
@@ -45,6 +46,51 @@ def local(
                                     timeout=timeout, resume=resume, gpus=gpu_list)
     print_summary(summary, out_dir)
     typer.echo(f"node state and local adapters: {dep.work / 'nodes'}")
+
+
+@deploy_app.command("sim")
+def sim(
+    config: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
+    nodes: Annotated[int | None, typer.Option("--nodes", min=1, help="virtual SuperNodes, one per "
+                                              "client (default: the config's clients)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
+    cpus_per_client: Annotated[float, typer.Option("--cpus-per-client", help="Ray CPUs per virtual "
+                                                   "node (fractions allowed): how many run at once")] = 1.0,
+    gpus_per_client: Annotated[float, typer.Option("--gpus-per-client", help="Ray GPUs per virtual "
+                                                   "node, e.g. 0.25: four share one GPU")] = 0.0,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="join a running Ray cluster "
+                                                    "(auto, or HEAD_IP:6379) instead of a private Ray")] = None,
+    ray_cpus: Annotated[float | None, typer.Option("--ray-cpus", help="CPUs of the private Ray "
+                                                   "(default: all of this machine's)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the unfinished run in --out "
+                                         "from its last checkpoint")] = False,
+) -> None:
+    """Run CONFIG on Flower's simulation runtime: N virtual SuperNodes as Ray actors (needs
+    `pip install 'fedblend[simulation]'`); writes the same run directory as `fedblend run`."""
+    from fedblend.config import load_config
+    from fedblend.console import print_summary, user_errors
+    from fedblend.deploy.sim import deploy_sim
+    from fedblend.signals import sigterm_interrupts
+
+    with user_errors():
+        cfg = load_config(config, set_ or [])
+        out_dir = out or Path("runs") / cfg.name
+        try:
+            with sigterm_interrupts():
+                summary, res = deploy_sim(config, nodes, set_ or [], out_dir, cpus_per_client=cpus_per_client,
+                                          gpus_per_client=gpus_per_client, ray_address=ray_address,
+                                          ray_cpus=ray_cpus, resume=resume)
+        except KeyboardInterrupt as e:  # the run's status.json says "interrupted"
+            import sys
+
+            from fedblend.signals import Interrupted, record_interrupt
+
+            sig = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
+            typer.echo(record_interrupt(out_dir, sys.argv[1:], sig) or f"interrupted ({sig})", err=True)
+            raise typer.Exit(code=143 if isinstance(e, Interrupted) else 130) from None
+    print_summary(summary, out_dir)
+    typer.echo(f"node state and local adapters: {res.work / 'nodes'}; Ray and Flower logs: {res.work / 'logs'}")
 
 
 @deploy_app.command("certs")

@@ -1,13 +1,22 @@
 """What a SuperNode knows: its partition, its client's data, its private state on disk
 (and, for vision, its own frozen-feature cache under ``<state-dir>/feature_cache``).
 
-Every Flower message starts a fresh ClientApp process, so a :class:`Node` is rebuilt per
-message from the config the server sends: the federation is rebuilt deterministically and
-the node keeps only its own client's data. The client's private state lives in
-``context.state`` (per run, per node) and in ``<state-dir>/run-<key>/client_<cid>.safetensors``
-(plus per-round snapshots) so that a SuperNode restart does not lose it; ``<key>`` is the
-Flower run id of the run's first ServerApp, so a resumed ServerApp finds the same state.
-Neither copy is ever sent.
+A :class:`Node` is rebuilt per message from the config the server sends: the federation is
+rebuilt deterministically and the node keeps only its own client's data. The client's private
+state lives in ``context.state`` (per run, per node) and in
+``<state-dir>/run-<key>/client_<cid>.safetensors`` (plus per-round snapshots) so that a
+SuperNode restart does not lose it; ``<key>`` is the Flower run id of the run's first
+ServerApp, so a resumed ServerApp finds the same state. Neither copy is ever sent.
+
+Deployment engine: every message starts a fresh ClientApp process. Simulation runtime: a few
+long-lived worker processes (Ray actors) handle the messages of many virtual nodes, one at a
+time, so a worker keeps the federation and the frozen backbone it last built (``_WORKER``,
+keyed by the config the server sent) instead of rebuilding them per message. Virtual nodes
+have no ``state-dir``: they share ``$FEDBLEND_NODE_DIR``, where state files are named by
+client (one client per partition id). There, ``FEDBLEND_NODE_CONTEXT_STATE=0`` keeps the
+state on disk only: the simulation runtime holds every virtual node's ``context.state`` in
+the driver process and ships it with each message, which at thousands of clients would hold
+every client's state in memory.
 """
 
 from __future__ import annotations
@@ -33,6 +42,15 @@ from fedblend.modality import Modality, Prepared
 from fedblend.store.files import load_state, save_state
 
 STATE_RECORD = "fedblend.client_state"  # key in context.state (stays on the node)
+CONTEXT_STATE_ENV = "FEDBLEND_NODE_CONTEXT_STATE"  # "0": private state on disk only (simulation)
+
+# What this worker process built last: {"key": config JSON, "fed": federation, "trainer": ...}.
+# One entry: a worker serves one run at a time, and a new config replaces the old objects.
+_WORKER: dict[str, Any] = {}
+
+
+def _keep_in_context() -> bool:
+    return os.environ.get(CONTEXT_STATE_ENV, "1") != "0"
 
 
 def default_state_root() -> Path:
@@ -50,6 +68,7 @@ class Node:
     client: Any
     run_dir: Path  # node-local: <state-dir>/run-<run_id>
     timings: dict[str, float] = field(default_factory=dict)
+    cache_key: str = ""  # the config this node was built from (the worker cache's key)
 
     @property
     def cid(self) -> int:
@@ -61,10 +80,16 @@ class Node:
 
     # ---- backbone -------------------------------------------------------------------------
     def load_trainer(self) -> Any:
-        """The modality's frozen backbone (memory-mapped safetensors for real models) and trainer."""
+        """The modality's frozen backbone (memory-mapped safetensors for real models) and
+        trainer; loaded once per worker process and config (``backbone_cached``: 1 when this
+        message reused the worker's)."""
+        cached = _WORKER.get("trainer") if _WORKER.get("key") == self.cache_key else None
         t = time.perf_counter()
-        trainer = self.modality.load_trainer(self.modality.describe(self.fed))
+        trainer = cached if cached is not None else self.modality.load_trainer(self.modality.describe(self.fed))
+        if cached is None and self.cache_key and _WORKER.get("key") == self.cache_key:
+            _WORKER["trainer"] = trainer
         self.timings["backbone_load_s"] = time.perf_counter() - t
+        self.timings["backbone_cached"] = float(cached is not None)
         self.timings["torch_threads"] = torch.get_num_threads()
         return trainer
 
@@ -96,7 +121,7 @@ class Node:
     def load_state(self, context: Context, trainer: Any, upto: int) -> tuple[State, str, int]:
         """This client's state after at most ``upto`` rounds, where it came from (``context``,
         ``disk`` or ``init``) and the rounds it reflects."""
-        rec = context.state.config_records.get(STATE_RECORD)
+        rec = context.state.config_records.get(STATE_RECORD) if _keep_in_context() else None
         in_ctx = None
         if rec is not None and int(rec["cid"]) == self.cid and not rec.get("finished"):  # type: ignore[arg-type]
             in_ctx = int(rec["rounds_completed"])  # type: ignore[arg-type]
@@ -113,12 +138,13 @@ class Node:
         that no resume can need are deleted) or, with ``keep_from=None``, the finished state
         after ``finish_client`` (not a snapshot: a resumed evaluation starts from the trained one)."""
         finished = keep_from is None
-        context.state[STATE_RECORD] = ConfigRecord({
-            "cid": self.cid,
-            "rounds_completed": rounds_completed,
-            "finished": finished,
-            "state": encode(Message(tensors=state)),
-        })
+        if _keep_in_context():
+            context.state[STATE_RECORD] = ConfigRecord({
+                "cid": self.cid,
+                "rounds_completed": rounds_completed,
+                "finished": finished,
+                "state": encode(Message(tensors=state)),
+            })
         meta = {"rounds_completed": str(rounds_completed), "finished": str(finished).lower()}
         save_state(self.state_path, state, meta=meta)
         if keep_from is None:
@@ -156,7 +182,13 @@ def open_node(msg_fields: Any, context: Context) -> Node:
     if wire.NODE_PARTITION not in nc:
         raise ConfigError(f"SuperNode: --node-config needs {wire.NODE_PARTITION}=<index>")
     partition = int(nc[wire.NODE_PARTITION])  # type: ignore[arg-type]
-    fed = modality.build_federation()
+    cache_key = json.dumps(modality.cfg.to_dict(), sort_keys=True, default=str)
+    if _WORKER.get("key") == cache_key:
+        fed = _WORKER["fed"]
+    else:
+        _WORKER.clear()  # another run's objects: drop them before building this run's
+        fed = modality.build_federation()
+        _WORKER.update(key=cache_key, fed=fed)
     if not 0 <= partition < len(fed.clients):
         raise ConfigError(
             f"SuperNode: {wire.NODE_PARTITION}={partition} but the federation has "
@@ -169,6 +201,7 @@ def open_node(msg_fields: Any, context: Context) -> Node:
         cfg=modality.cfg, algorithm=make_algorithm(modality.cfg), modality=modality, fed=fed,
         client=fed.clients[partition],
         run_dir=root / f"run-{key}",  # stays the same when the ServerApp resumes
+        cache_key=cache_key,
     )
     node.timings["setup_s"] = time.perf_counter() - t
     return node

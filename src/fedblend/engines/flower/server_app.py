@@ -95,6 +95,7 @@ class FlowerClients:
     run_key: str = ""  # names each node's state dir; the first ServerApp's Flower run id
     nodes: dict[int, int] = field(default_factory=dict)  # cid -> Flower node id
     info: dict[int, dict[str, Any]] = field(default_factory=dict)  # cid -> query reply
+    describe: dict[str, Any] = field(default_factory=dict)  # the federation's facts (one copy)
     messages: list[dict[str, Any]] = field(default_factory=list)  # per reply: type, cid, timings
     unavailable: set[int] = field(default_factory=set)  # clients whose node the SuperLink reports dead
 
@@ -160,19 +161,25 @@ class FlowerClients:
         asked: set[int] = set()
         while expected is None or len(self.nodes) < expected:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
-            for node_id in new:
-                asked.add(node_id)
-                msg = Message(wire.content({wire.CONFIG: self.config_json, wire.RUN_KEY: self.run_key}),
-                              dst_node_id=node_id,
-                              message_type=MessageType.QUERY, group_id="setup")
-                for r in self.grid.send_and_receive([msg], timeout=self.timeout_s):
+            asked.update(new)
+            cfg_json = self.config_json
+            # every new node at once: one query at a time costs a round trip per node, which
+            # at a thousand virtual nodes is minutes of waiting
+            msgs = [Message(wire.content({wire.CONFIG: cfg_json, wire.RUN_KEY: self.run_key}),
+                            dst_node_id=node_id, message_type=MessageType.QUERY, group_id="setup")
+                    for node_id in new]
+            if msgs:
+                for r in sorted(self.grid.send_and_receive(msgs, timeout=self.timeout_s),
+                                key=lambda r: r.metadata.src_node_id):
                     if r.has_error():
-                        raise FedblendError(f"node {node_id} (query): {r.error.reason}")
+                        raise FedblendError(f"node {r.metadata.src_node_id} (query): {r.error.reason}")
                     info = json.loads(str(wire.fields(r)[wire.CLIENT]))
                     self._inspect("query", "setup", info["cid"], r, None)
                     if info["cid"] in self.nodes:
                         raise FedblendError(f"two SuperNodes claim client {info['cid']}: check partition-id")
-                    self.nodes[info["cid"]] = node_id
+                    self.nodes[info["cid"]] = r.metadata.src_node_id
+                    # every node sends the same federation facts (O(clients) each): keep one
+                    self.describe = info.pop("describe")
                     self.info[info["cid"]] = info
                     expected = info["num_clients"]
             if expected is not None and len(self.nodes) >= expected:
@@ -254,8 +261,10 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     counters.setdefault("flower_run_key", str(run_id))  # saved with every checkpoint
     clients = FlowerClients(grid, cfg, algorithm, transport, run, settings.message_timeout_s,
                             run_key=str(counters["flower_run_key"]))
+    t = time.perf_counter()
     clients.discover(settings.node_wait_s)
-    desc = next(iter(clients.info.values()))["describe"]  # federation facts, no data
+    discover_s = time.perf_counter() - t
+    desc = clients.describe  # federation facts, no data
     t = time.perf_counter()
     trainer = mod.load_trainer(desc)  # the server needs adapter shapes and export
     load_s = time.perf_counter() - t
@@ -287,6 +296,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     run.write_json("flower/engine.json", {
         "run_id": run_id,
         "nodes": {str(c): n for c, n in sorted(clients.nodes.items())},
+        "discover_s": discover_s,  # until every client had a node (its query answered)
         "server_backbone_load_s": load_s,
         "backbone_load_s_per_message": {
             "mean": sum(loads) / len(loads) if loads else None,
