@@ -222,3 +222,11 @@ def test_bench_without_the_data_dir_fails_in_one_line(tmp_path):
     assert r.exit_code != 0
     assert "--data" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_with_an_unknown_dtype_fails_in_one_line(tmp_path):
+    out = tmp_path / "sub" / "b.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "tiny", "--dtype", "half", "--out", str(out)])
+    assert r.exit_code == 2
+    assert "--dtype" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "sub").exists()
