@@ -230,3 +230,13 @@ def test_bench_with_an_unknown_dtype_fails_in_one_line(tmp_path):
     assert r.exit_code == 2
     assert "--dtype" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "sub").exists()
+
+
+def test_a_float32_bench_skips_bfloat16_where_it_is_not_native():
+    from fedblend.bench import core
+
+    assert not core.runs_other_precision("quick", "float32", native=False)
+    assert not core.runs_other_precision("full", "float32", native=False)
+    assert core.runs_other_precision("quick", "float32", native=True)
+    assert core.runs_other_precision("quick", "bfloat16", native=False)  # asked for: runs anyway
+    assert core.runs_other_precision("tiny", "float32", native=False)

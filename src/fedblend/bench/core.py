@@ -106,6 +106,13 @@ def check_inputs(scale: str, data_dir: Path, images_dir: Path) -> None:
     smollm2_checkpoint()  # ConfigError naming the offline package when it is missing
 
 
+def runs_other_precision(scale: str, dtype: str, native: bool) -> bool:
+    """Whether the bench runs FedDPA-T in the other precision too: where bfloat16 is native,
+    at the tiny scale (seconds even on a fallback kernel), or when bfloat16 was asked for;
+    not for a float32 bench on a CPU whose bfloat16 products run on torch's fallback kernel."""
+    return native or scale == "tiny" or dtype == "bfloat16"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -249,7 +256,7 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
 
     tag = f"@{other}"
     other_cfg = bench_config("feddpa_t", scale, data_dir, other)
-    if native or scale == "tiny" or dtype == "bfloat16":
+    if runs_other_precision(scale, dtype, native):
         say(f"feddpa_t in {other}: training rounds, then P and TTP evaluation (bf16_speedup)")
         o = phase("feddpa_t" + tag, lambda: train_session(other_cfg, work / "feddpa_t_other", probe),
                   in_dtype=other)
