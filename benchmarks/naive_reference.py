@@ -114,7 +114,7 @@ def _run_naive(cfg: Any, workdir: Path) -> dict[str, Any]:
                 lr_scheduler_type="linear" if tc.scheduler == "linear" else "constant",
                 warmup_steps=tc.warmup_ratio, weight_decay=tc.weight_decay, optim="adamw_torch",
                 max_grad_norm=tc.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
-                disable_tqdm=True, use_cpu=True, seed=cfg.seed + rnd * 1000 + client.cid,
+                disable_tqdm=True, use_cpu=True, bf16=cfg.model.dtype == "bfloat16", seed=cfg.seed + rnd * 1000 + client.cid,
                 dataloader_num_workers=0, log_level="error")
             trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
             trainer.remove_callback(PrinterCallback)

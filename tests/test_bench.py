@@ -65,6 +65,26 @@ def test_rate_probe_keeps_each_phase_bursts_apart():
     assert probe.rate("a") == pytest.approx(sum(probe.samples["a"]) / 2) and probe.rate("a") > 0
     assert got["a"]["min"] <= got["a"]["mean"] <= got["a"]["max"] and got["a"]["probe_s"] > 0
     assert probe.rate("c") is None
+    assert {v["dtype"] for v in got.values()} == {"float32"}
+
+
+def test_rate_probe_bursts_run_in_the_phase_precision(monkeypatch):
+    from fedblend.bench import flops
+
+    seen = []
+    real = flops.matmul_peak
+    monkeypatch.setattr(flops, "matmul_peak", lambda size, repeats, dtype: seen.append(dtype) or real(size, 1, dtype))
+    probe = RateProbe(size=32, repeats=1)
+    probe.start("fp32")
+    probe.sample()
+    probe.start("bf16", "bfloat16")
+    probe.sample()
+    probe.start("next")  # the precision carries on until a phase names another
+    probe.sample()
+    assert seen == ["float32", "bfloat16", "bfloat16"]
+    assert {k: v["dtype"] for k, v in probe.summary().items()} == {
+        "fp32": "float32", "bf16": "bfloat16", "next": "bfloat16"}
+    assert real(32, 1, "bfloat16")["dtype"] == "bfloat16" and real(32, 1, "bfloat16")["gflops"] > 0
 
 
 def test_probe_bursts_are_left_out_of_the_round_and_the_evaluation_time(tmp_path):
@@ -160,7 +180,30 @@ def test_bench_tiny_writes_every_key_without_third_party_output(tmp_path):
     assert d["vision_images_per_s"] > 0 and d["naive_final_loss"] > 0 and d["fedblend_final_loss"] > 0
     assert set(d["met"]) >= {"training_efficiency.fedit", "eval_efficiency.TTP", "naive_ratio"}
     during = d["detail"]["peak_during"]  # the peak measured again during every phase
-    assert set(during) == {"fedit", "naive", "feddpa_t", "eval_P", "eval_TTP", "eval_TTP_sequential"}
+    other = ("feddpa_t@bfloat16", "eval_P@bfloat16", "eval_TTP@bfloat16")  # FedDPA-T in bfloat16
+    assert set(during) == {"fedit", "naive", "feddpa_t", "eval_P", "eval_TTP", "eval_TTP_sequential", *other}
+    assert {ph: v["dtype"] for ph, v in during.items()} == {
+        ph: "bfloat16" if "@" in ph else "float32" for ph in during}  # bursts in the phase's precision
+    # both precisions' peaks, and each phase's efficiency against the peak of its own precision
+    assert d["dtype"] == "float32" and set(d["peak_gflops_by_dtype"]) == {"float32", "bfloat16"}
+    assert d["peak_gflops"] == d["peak_gflops_by_dtype"]["float32"] > 0 and d["peak_gflops_by_dtype"]["bfloat16"] > 0
+    rec = {"float32": (d["detail"]["training"]["feddpa_t"], d["detail"]["evaluation"]),
+           "bfloat16": (d["detail"]["other_precision"]["training"]["feddpa_t"],
+                        d["detail"]["other_precision"]["evaluation"])}
+    for dt, tag in (("float32", ""), ("bfloat16", "@bfloat16")):
+        by, (train, ev) = d["by_dtype"][dt], rec[dt]
+        assert by["training_efficiency"]["feddpa_t"] == pytest.approx(
+            efficiency(train["flops"], train["seconds"], during["feddpa_t" + tag]["mean"]))
+        for k in ("P", "TTP"):
+            assert by["eval_efficiency"][k] == pytest.approx(
+                efficiency(ev[k]["flops"], ev[k]["seconds"], during[f"eval_{k}{tag}"]["mean"]))
+    assert d["by_dtype"]["float32"]["eval_efficiency"] == d["eval_efficiency"]  # the main run's
+    assert set(d["bf16_speedup"]) == {"train", "eval_P", "eval_TTP"} and all(v > 0 for v in d["bf16_speedup"].values())
+    bf, fp = rec["bfloat16"][0], rec["float32"][0]
+    assert d["bf16_speedup"]["train"] == pytest.approx(
+        (bf["flops"] / bf["seconds"]) / (fp["flops"] / fp["seconds"]))
+    assert set(d["met"]) >= {"bf16_speedup.train", "bf16_speedup.eval_TTP"}
+    assert "bf16_speedup" in r.output
     fedit = d["detail"]["training"]["fedit"]
     assert d["training_efficiency"]["fedit"] == pytest.approx(
         efficiency(fedit["flops"], fedit["seconds"], during["fedit"]["mean"]))
@@ -179,3 +222,21 @@ def test_bench_without_the_data_dir_fails_in_one_line(tmp_path):
     assert r.exit_code != 0
     assert "--data" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_with_an_unknown_dtype_fails_in_one_line(tmp_path):
+    out = tmp_path / "sub" / "b.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "tiny", "--dtype", "half", "--out", str(out)])
+    assert r.exit_code == 2
+    assert "--dtype" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_float32_bench_skips_bfloat16_where_it_is_not_native():
+    from fedblend.bench import core
+
+    assert not core.runs_other_precision("quick", "float32", native=False)
+    assert not core.runs_other_precision("full", "float32", native=False)
+    assert core.runs_other_precision("quick", "float32", native=True)
+    assert core.runs_other_precision("quick", "bfloat16", native=False)  # asked for: runs anyway
+    assert core.runs_other_precision("tiny", "float32", native=False)

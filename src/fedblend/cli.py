@@ -329,11 +329,16 @@ def bench(
         "../shared/data/cifar10"),
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default")] = 0,
     model: Annotated[str, typer.Option("--model", hidden=True, help="tiny: random tiny models (tests)")] = "smollm2",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="precision of the main phases: float32 | bfloat16 | auto (bfloat16 where the "
+        "CPU has AMX); FedDPA-T also runs in the other one for bf16_speedup")] = "float32",
 ) -> None:
     """Measure how close a round comes to the machine's matmul peak; writes --out.
 
-    Training and evaluation efficiency (fedit, feddpa_t on flan8 + SmolLM2), cross-client TTP
-    speed-up, the naive reference's round time, memory per quantization, images/s.
+    Training and evaluation efficiency (fedit, feddpa_t on flan8 + SmolLM2) against the matmul
+    peak of the precision each ran in (float32 and bfloat16 peaks both measured), bfloat16's
+    speed-up over float32 per phase, cross-client TTP speed-up, the naive reference's round
+    time, memory per quantization, images/s.
     """
     from fedblend.bench import bench as run_bench
     from fedblend.bench import print_bench
@@ -342,7 +347,7 @@ def bench(
     with user_errors():
         if model not in ("smollm2", "tiny"):
             raise FedblendError(f"--model: expected smollm2 or tiny, got {model!r}")
-        result = run_bench(scale, out, data, images, threads=threads,
+        result = run_bench(scale, out, data, images, threads=threads, dtype=dtype,
                            say=lambda m: err_console.print(f"bench: {m}", highlight=False))
     print_bench(result, out)
 

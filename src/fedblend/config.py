@@ -43,8 +43,10 @@ class ModelConfig(_Section):
         "auto",
         description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N; the vision path too",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="compute precision (autocast); adapters and optimizer state stay float32",
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="frozen backbone weights and compute precision (autocast); adapters and "
+        "optimizer state stay float32; auto = bfloat16 on a CPU with AMX or a CUDA device with "
+        "bfloat16, float32 elsewhere (summary.json's system block says which)",
     )
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="text backbone weights: int8 (LLM.int8) or 4-bit NF4 with double "

@@ -55,7 +55,11 @@ class Modality(ABC):
     carried_files: tuple[str, ...] = ()  # run-dir files a re-evaluation copies from its source
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
+        from fedblend.device import with_resolved_dtype
+
+        # model.dtype = "auto" becomes this host's choice once, here: every backbone, trainer
+        # and autocast of the run reads the resolved name (config.json keeps "auto")
+        self.cfg = with_resolved_dtype(cfg)
 
     @functools.cached_property
     def device(self) -> Any:

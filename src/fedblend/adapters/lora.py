@@ -37,7 +37,20 @@ Weight = float | torch.Tensor
 
 
 class DualLoRA:
-    """A frozen backbone wrapped by PEFT with one LoRA adapter per role."""
+    """A frozen backbone wrapped by PEFT with one LoRA adapter per role.
+
+    Precision: the backbone's weights stay in whatever ``model.dtype`` loaded them in (bfloat16
+    on the reduced-precision path), but the LoRA tensors are always float32, and so is the AdamW
+    state built on them. bfloat16 keeps 8 bits of mantissa: near 0.02 (a typical LoRA A entry)
+    its values are 1.2e-4 apart, so an update under about 6e-5 rounds to nothing. AdamW's steps
+    are about ``lr`` in size and the linear decay takes ``lr`` below that at the end of every
+    local update (near it, an update moves a weight by one whole spacing or not at all): in
+    bfloat16 tensors training would stall there, and the optimizer's moment estimates would
+    lose their low bits likewise. The
+    matrix products still run in bfloat16 under autocast (``fedblend.device.autocast``): only
+    the stored tensors and their updates are float32, the usual mixed-precision recipe. PEFT's
+    ``autocast_adapter_dtype`` already makes new adapters float32; :meth:`__init__` checks it.
+    """
 
     def __init__(self, base_model: torch.nn.Module, cfg: LoraConfig, roles=ROLES) -> None:
         self.cfg = cfg
@@ -56,6 +69,9 @@ class DualLoRA:
             raise _target_error(cfg, e) from None
         for role in self.roles[1:]:
             self.model.add_adapter(role, peft_cfg)
+        for name, p in self.model.named_parameters():  # see the class docstring: never bfloat16
+            if "lora_" in name and p.dtype != torch.float32:
+                p.data = p.data.float()
         self.model.base_model.set_adapter(list(self.roles))
         self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         self.scale = {role: float(self.layers[0].scaling[role]) for role in self.roles}

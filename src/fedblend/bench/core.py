@@ -1,10 +1,14 @@
 """``fedblend bench``: how close fedblend's text path comes to the machine, in one run.
 
-Order: the float32 matmul peak; FedIT on flan8 + SmolLM2 (training efficiency, seconds and
-engine overhead per round); the naive reference loop on the same config (``naive_ratio`` =
-its round time / fedblend's); FedDPA-T (training efficiency, then P and TTP evaluation
-efficiency, TTP cross-client batched vs client after client); backbone bytes and peak RSS
-per quantization (one process each); vision feature extraction images/s.
+Order: the matmul peak in float32 and in bfloat16; FedIT on flan8 + SmolLM2 (training
+efficiency, seconds and engine overhead per round); the naive reference loop on the same config
+(``naive_ratio`` = its round time / fedblend's); FedDPA-T (training efficiency, then P and TTP
+evaluation efficiency, TTP cross-client batched vs client after client); FedDPA-T again in the
+other precision (training, P, TTP: ``bf16_speedup``, bfloat16's useful FLOP rate over float32's
+per phase); backbone bytes and peak RSS per quantization (one process each); vision feature
+extraction images/s. Every phase runs in ``--dtype`` (``model.dtype``; default float32) except
+the other-precision FedDPA-T, and each phase's efficiency divides by the peak of the precision
+it ran in, measured during it.
 Scales: ``quick`` (a few minutes on 2 CPU cores), ``full`` (the issue's side-by-side scale:
 8 clients x 16 examples, batch 16 / micro-batch 8, 2 epochs), ``tiny`` (tests: random tiny
 Llama and CLIP, synthetic data, seconds).
@@ -27,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedblend.bench.flops import TARGETS, RateProbe, efficiency, matmul_peak
+from fedblend.bench.flops import DTYPES, TARGETS, RateProbe, efficiency, matmul_peak
 from fedblend.bench.memory import QUANTIZATIONS, measure_in_process, measure_in_subprocesses
 from fedblend.bench.text import evaluate_timed, has_cross_client_batch, train_session
 from fedblend.bench.vision import check_images, images_per_s
@@ -63,8 +67,13 @@ SCALES: dict[str, dict[str, Any]] = {
                        "micro_batch_size": 2},
              "eval": {"max_per_task": 2, "max_new_tokens": 4, "batch_size": 8, "dynamic_top_k": 2}},
 }
-SIZES = {"quick": {"matmul": 2048, "images": 128}, "full": {"matmul": 2048, "images": 512},
-         "tiny": {"matmul": 256, "images": 16}}
+# without AMX or AVX512-BF16 torch multiplies bfloat16 matrices on a fallback kernel (0.1 GFLOP/s
+# on an AMD EPYC with AVX2 only): a 2048^2 product would take minutes, so the bfloat16 peak is
+# measured on smaller ones there (the size is in the JSON)
+FALLBACK_BF16_SIZE = 256
+SIZES = {"quick": {"matmul": 2048, "images": 128, "bf16_fallback": FALLBACK_BF16_SIZE},
+         "full": {"matmul": 2048, "images": 512, "bf16_fallback": FALLBACK_BF16_SIZE},
+         "tiny": {"matmul": 256, "images": 16, "bf16_fallback": 128}}
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -74,8 +83,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bench_config(algorithm: str, scale: str, data_dir: Path | None) -> ExperimentConfig:
+def bench_config(algorithm: str, scale: str, data_dir: Path | None,
+                 dtype: str = "float32") -> ExperimentConfig:
     raw = _merge(FLAN8 if scale != "tiny" else {}, SCALES[scale])
+    raw["model"] = {**raw.get("model", {}), "dtype": dtype}
     if data_dir is not None:
         raw["data"]["dir"] = str(data_dir)
     raw.update(name=f"bench-{algorithm}", algorithm=algorithm, seed=42,
@@ -95,8 +106,20 @@ def check_inputs(scale: str, data_dir: Path, images_dir: Path) -> None:
     smollm2_checkpoint()  # ConfigError naming the offline package when it is missing
 
 
+def runs_other_precision(scale: str, dtype: str, native: bool) -> bool:
+    """Whether the bench runs FedDPA-T in the other precision too: where bfloat16 is native,
+    at the tiny scale (seconds even on a fallback kernel), or when bfloat16 was asked for;
+    not for a float32 bench on a CPU whose bfloat16 products run on torch's fallback kernel."""
+    return native or scale == "tiny" or dtype == "bfloat16"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def _rate(rec: dict[str, Any] | None) -> float | None:
+    """A measured record's useful GFLOP/s."""
+    return rec["flops"] / rec["seconds"] / 1e9 if rec and rec.get("flops") and rec.get("seconds") else None
 
 
 def _free() -> None:
@@ -131,9 +154,15 @@ def _step(name: str, errors: dict[str, str], fn: Callable[[], Any]) -> Any:
 
 
 def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path, threads: int = 0,
-              say: Say = lambda m: None) -> dict[str, Any]:
-    """Measure everything with ``threads`` torch threads (0: as set; the tiny scale uses 1);
-    returns the bench JSON (see the module docstring)."""
+              say: Say = lambda m: None, dtype: str = "float32") -> dict[str, Any]:
+    """Measure everything with ``threads`` torch threads (0: as set; the tiny scale uses 1),
+    the main phases in ``dtype`` (float32, bfloat16, or auto: this CPU's choice, see
+    :func:`fedblend.device.resolve_dtype`); returns the bench JSON (see the module docstring)."""
+    from fedblend.device import resolve_dtype
+
+    if dtype not in (*DTYPES, "auto"):
+        raise ConfigError(f"--dtype: expected float32, bfloat16 or auto, got {dtype!r}")
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
     check_inputs(scale, data_dir, images_dir)
     tiny = scale == "tiny"
     work = Path(tempfile.mkdtemp(prefix="fedblend-bench-"))
@@ -147,7 +176,7 @@ def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path, thre
         with third_party_to(log_file), open(log_file, "a") as out, \
                 contextlib.redirect_stdout(out):
             result = _measure(scale, None if tiny else data_dir, None if tiny else images_dir,
-                              work, say)
+                              work, say, dtype)
     finally:
         torch.set_num_threads(saved_threads)
         shutil.rmtree(work, ignore_errors=True)
@@ -157,19 +186,28 @@ def run_bench(scale: str, data_dir: Path, images_dir: Path, log_file: Path, thre
 
 
 def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: Path,
-             say: Say) -> dict[str, Any]:
-    errors: dict[str, str] = {}
-    detail: dict[str, Any] = {"scale": scale, "threads": torch.get_num_threads(), "errors": errors,
-                              "torch": torch.__version__, "python": sys.version.split()[0]}
-    say(f"matmul peak ({SIZES[scale]['matmul']}^2 float32, {torch.get_num_threads()} threads)")
-    peak = matmul_peak(SIZES[scale]["matmul"])
-    detail["peak"] = peak
-    gf = float(peak["gflops"])
-    # the peak again during every phase: a burst before each local update / generation batch
-    probe = RateProbe(SIZES[scale]["matmul"])
+             say: Say, dtype: str = "float32") -> dict[str, Any]:
+    from fedblend.device import bf16_native
 
-    def phase(name: str, fn: Callable[[], Any], burst_first: bool = False) -> Any:
-        probe.start(name)
+    errors: dict[str, str] = {}
+    other = "bfloat16" if dtype == "float32" else "float32"
+    native, why = bf16_native(torch.device("cpu"))
+    detail: dict[str, Any] = {"scale": scale, "threads": torch.get_num_threads(), "errors": errors,
+                              "torch": torch.__version__, "python": sys.version.split()[0],
+                              "dtype": dtype, "bf16_native": native, "bf16_reason": why}
+    say(f"matmul peak ({SIZES[scale]['matmul']}^2 float32 and bfloat16, {torch.get_num_threads()} threads)")
+    sizes = {"float32": SIZES[scale]["matmul"],
+             "bfloat16": SIZES[scale]["matmul"] if native else SIZES[scale]["bf16_fallback"]}
+    peaks = {d: matmul_peak(sizes[d], dtype=d) for d in DTYPES}
+    detail["peak"] = peaks[dtype]
+    detail["peaks"] = peaks
+    gf = float(peaks[dtype]["gflops"])
+    # the peak again during every phase, in the phase's precision: a burst before each local
+    # update / generation batch
+    probe = RateProbe(SIZES[scale]["matmul"], dtype=dtype, sizes=sizes)
+
+    def phase(name: str, fn: Callable[[], Any], burst_first: bool = False, in_dtype: str = dtype) -> Any:
+        probe.start(name, in_dtype)
         if burst_first:  # a phase without units the probe can sit between (the naive loop)
             probe.sample()
         try:
@@ -178,7 +216,7 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
             probe.finish()
 
     say("fedit: training rounds on the in-process engine")
-    fedit_cfg = bench_config("fedit", scale, data_dir)
+    fedit_cfg = bench_config("fedit", scale, data_dir, dtype)
     detail["config"] = {k: fedit_cfg.to_dict()[k] for k in ("model", "lora", "data", "train", "eval")}
     fedit = phase("fedit", lambda: train_session(fedit_cfg, work / "fedit", probe))
     train_detail: dict[str, Any] = {}
@@ -193,7 +231,7 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
     detail["naive_reference"] = naive
 
     say("feddpa_t: training rounds, then P and TTP evaluation")
-    dpa_cfg = bench_config("feddpa_t", scale, data_dir)
+    dpa_cfg = bench_config("feddpa_t", scale, data_dir, dtype)
     dpa = phase("feddpa_t", lambda: train_session(dpa_cfg, work / "feddpa_t", probe))
     ev: dict[str, Any] = {}
     if dpa is not None:
@@ -214,6 +252,28 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
             ev["TTP_client_after_client"] = None
             errors["ttp_batched_speedup"] = "eval.cross_client_batch is not in this build"
     del dpa
+    _free()
+
+    tag = f"@{other}"
+    other_cfg = bench_config("feddpa_t", scale, data_dir, other)
+    if runs_other_precision(scale, dtype, native):
+        say(f"feddpa_t in {other}: training rounds, then P and TTP evaluation (bf16_speedup)")
+        o = phase("feddpa_t" + tag, lambda: train_session(other_cfg, work / "feddpa_t_other", probe),
+                  in_dtype=other)
+    else:  # float32 asked for on a CPU that would run bfloat16 on torch's fallback kernels
+        o = None
+        errors["bf16_speedup"] = (f"not measured: {why}, so bfloat16 products run on torch's fallback "
+                                  f"kernels ({peaks['bfloat16']['gflops']:.2f} GFLOP/s here against "
+                                  f"{peaks['float32']['gflops']:.0f} in float32) and a bfloat16 FedDPA-T "
+                                  "would take hours; --dtype bfloat16 runs it anyway")
+    other_train, other_ev = (o.train if o is not None else None), {}
+    if o is not None:
+        other_ev["P"] = phase("eval_P" + tag, partial(evaluate_timed, o, ttp=False, probe=probe),
+                              in_dtype=other)
+        other_ev["TTP"] = phase("eval_TTP" + tag, partial(
+            evaluate_timed, o, ttp=True, probe=probe,
+            cross_client_batch=True if has_cross_client_batch(o.cfg) else None), in_dtype=other)
+    del o
     _free()
 
     say("backbone bytes and peak RSS per quantization (one process each)")
@@ -239,15 +299,41 @@ def _measure(scale: str, data_dir: Path | None, images_dir: Path | None, work: P
         return {"training_efficiency": {a: eff(train_detail.get(a), a, start) for a in ("fedit", "feddpa_t")},
                 "eval_efficiency": {k: eff(ev.get(k), phase_of[k], start) for k in ("P", "TTP")}}
 
+    # the same three FedDPA-T phases in each precision: records and the probe's phase names
+    recs = {dtype: {"train": (train_detail.get("feddpa_t"), "feddpa_t"),
+                    "eval_P": (ev.get("P"), "eval_P"), "eval_TTP": (ev.get("TTP"), "eval_TTP")},
+            other: {"train": (other_train, "feddpa_t" + tag),
+                    "eval_P": (other_ev.get("P"), "eval_P" + tag),
+                    "eval_TTP": (other_ev.get("TTP"), "eval_TTP" + tag)}}
+    by_dtype = {d: {"peak_gflops": float(peaks[d]["gflops"]),
+                    "training_efficiency": {"feddpa_t": eff(*recs[d]["train"])},
+                    "eval_efficiency": {"P": eff(*recs[d]["eval_P"]), "TTP": eff(*recs[d]["eval_TTP"])},
+                    "gflops": {k: _rate(r) for k, (r, _) in recs[d].items()},
+                    "seconds": {k: (r or {}).get("seconds") for k, (r, _) in recs[d].items()}}
+                for d in DTYPES}
+    by_dtype[dtype]["training_efficiency"]["fedit"] = eff(train_detail.get("fedit"), "fedit")
+    bf16_speedup = {k: _ratio(by_dtype["bfloat16"]["gflops"][k], by_dtype["float32"]["gflops"][k])
+                    for k in ("train", "eval_P", "eval_TTP")}
+
     fedit_t = train_detail.get("fedit", {})
     seq, bat = ev.get("TTP_client_after_client") or {}, ev.get("TTP") or {}
     detail.update(training=train_detail, evaluation=ev, vision=vis, step_s=dict(STEP_S),
                   bench_process_peak_rss_mb=peak_rss_mb(), peak_during=probe.summary(),
-                  vs_start_peak=efficiencies(start=True))
+                  vs_start_peak=efficiencies(start=True),
+                  other_precision={"dtype": other, "training": {"feddpa_t": other_train},
+                                   "evaluation": other_ev})
     return {
+        "dtype": dtype,
         "peak_gflops": gf,
-        # each phase's useful FLOP rate / the peak measured during that phase (RateProbe)
+        "peak_gflops_by_dtype": {d: by_dtype[d]["peak_gflops"] for d in DTYPES},
+        # each phase's useful FLOP rate / the peak measured during that phase (RateProbe), in
+        # the precision the phase ran in (``dtype``)
         **efficiencies(),
+        # FedDPA-T training, P and TTP in both precisions, each against its own precision's peak
+        "by_dtype": by_dtype,
+        # bfloat16's useful FLOP rate over float32's, per phase (same work, so a time ratio; the
+        # generated tokens may differ between precisions, hence rates)
+        "bf16_speedup": bf16_speedup,
         "ttp_batched_speedup": _ratio(seq.get("seconds"), bat.get("seconds")),
         "naive_ratio": _ratio((naive or {}).get("seconds_per_round"), fedit_t.get("seconds_per_round")),
         "naive_final_loss": (naive or {}).get("final_loss"),

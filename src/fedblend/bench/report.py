@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fedblend.bench.flops import TARGETS
+from fedblend.bench.flops import target
 from fedblend.console import console, fmt_bytes
 
 
@@ -17,7 +17,9 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool | None]:
     checks.update({f"eval_efficiency.{k}": v for k, v in result["eval_efficiency"].items()})
     checks["ttp_batched_speedup"] = result["ttp_batched_speedup"]
     checks["naive_ratio"] = result["naive_ratio"]
-    return {k: None if v is None else v >= TARGETS[k.split(".")[0]] for k, v in checks.items()}
+    for k in ("train", "eval_TTP"):
+        checks[f"bf16_speedup.{k}"] = (result.get("bf16_speedup") or {}).get(k)
+    return {k: None if v is None else v >= target(k) for k, v in checks.items()}
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -27,8 +29,9 @@ def _num(v: float | None, fmt: str) -> str:
 def print_bench(result: dict[str, Any], out: Any = None) -> None:
     met = result.get("met") or verdicts(result)
     d = result["detail"]
-    t = Table(title=f"fedblend bench ({d['scale']}; peak {result['peak_gflops']:.1f} GFLOP/s "
-                    f"float32 matmul, {d['threads']} threads)")
+    dtype = result.get("dtype", "float32")
+    t = Table(title=f"fedblend bench ({d['scale']}; {dtype}; peak {result['peak_gflops']:.1f} GFLOP/s "
+                    f"{dtype} matmul, {d['threads']} threads)")
     for col in ("measure", "value", "target", "verdict"):
         t.add_column(col, justify="left" if col == "measure" else "right")
     for key, ok in met.items():
@@ -36,23 +39,39 @@ def print_bench(result: dict[str, Any], out: Any = None) -> None:
         for part in key.split("."):
             v = v[part]
         top = key.split(".")[0]
-        unit = "x" if top in ("ttp_batched_speedup", "naive_ratio") else ""
+        unit = "x" if top in ("ttp_batched_speedup", "naive_ratio", "bf16_speedup") else ""
         verdict = "not measured" if ok is None else ("met" if ok else "not met")
         t.add_row(key, _num(v, ".2f") + (unit if v is not None else ""),
-                  f">= {TARGETS[top]:g}{unit}", verdict,
+                  f">= {target(key):g}{unit}", verdict,
                   style=None if ok is None else ("green" if ok else "red"))
     console.print(t)
     rates, start = d.get("peak_during") or {}, d.get("vs_start_peak") or {}
     if rates:
         console.print("efficiency = useful FLOP rate / the matmul peak measured during the phase "
                       "(mean of bursts before each local update or batch): "
-                      + "; ".join(f"{ph} {r['mean']:.0f} ({r['min']:.0f}-{r['max']:.0f}, n={r['n']})"
+                      + "; ".join(f"{ph} {r['mean']:.3g} ({r['min']:.3g}-{r['max']:.3g}, n={r['n']})"
                                   for ph, r in rates.items()) + " GFLOP/s",
                       highlight=False, soft_wrap=True)
     if start:
         vals = [f"{k}.{a} {_num(v, '.2f')}" for k, by in start.items() for a, v in by.items()]
         console.print(f"against the start-of-run peak {result['peak_gflops']:.1f} GFLOP/s instead: "
                       + ", ".join(vals), highlight=False, soft_wrap=True)
+    by = result.get("by_dtype") or {}
+    if by:
+        p = Table(title=f"feddpa_t in each precision (bf16 native here: {d.get('bf16_native')}; "
+                        f"{d.get('bf16_reason', '')})")
+        for col in ("precision", "peak GFLOP/s", "train eff", "eval P eff", "eval TTP eff",
+                    "train s", "P s", "TTP s"):
+            p.add_column(col, justify="left" if col == "precision" else "right")
+        for name, r in by.items():
+            s = r["seconds"]
+            p.add_row(name, _num(r["peak_gflops"], ".1f"), _num(r["training_efficiency"]["feddpa_t"], ".2f"),
+                      _num(r["eval_efficiency"]["P"], ".2f"), _num(r["eval_efficiency"]["TTP"], ".2f"),
+                      _num(s["train"], ".1f"), _num(s["eval_P"], ".1f"), _num(s["eval_TTP"], ".1f"))
+        console.print(p)
+        sp = result.get("bf16_speedup") or {}
+        console.print("bf16_speedup (bfloat16 useful FLOP rate / float32's): "
+                      + ", ".join(f"{k} {_num(v, '.2f')}x" for k, v in sp.items()), highlight=False)
     m = Table(title="memory and speed")
     for col in ("measure", "none", "int8", "nf4"):
         m.add_column(col, justify="left" if col == "measure" else "right")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fedblend.config import ModelConfig
-from fedblend.device import compute_dtype, resolve_device, torch_dtype
+from fedblend.device import compute_dtype, resolve_device, resolve_dtype, torch_dtype
 from fedblend.errors import ConfigError
 from fedblend.quant import quant_state_bytes
 
@@ -189,6 +189,8 @@ def load_text_backbone(cfg: ModelConfig, seed: int = 0, device: Any = None):
 
     hf_logging.disable_progress_bar()
     device = resolve_device(cfg.device) if device is None else device
+    if cfg.dtype == "auto":
+        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, device)})
     if cfg.source == "tiny":
         model, tok = _tiny(cfg, seed)
         if cfg.quantization == "none":

@@ -181,7 +181,10 @@ class TextTrainer:
         finally:
             self.model.train(was_training)
         want = full[0, [0, 2]]
-        return part.shape == want.shape and torch.allclose(part, want, rtol=1e-4, atol=1e-4)
+        # bfloat16 logits are 2^-8 apart relative to their size: two products of different shapes
+        # may round differently there, while logits of wrong positions differ wholesale
+        tol = 1e-4 if part.dtype == torch.float32 else 2e-2
+        return part.shape == want.shape and torch.allclose(part.float(), want.float(), rtol=tol, atol=tol)
 
     def _loss_sum(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy over the response tokens (labels != -100).
