@@ -13,16 +13,15 @@ def partition_by_label(
     """Indices of each client's examples, from a flwr-datasets partitioner (any items with a
     ``label``). ``min_size``: Dirichlet redraws until every partition has that many."""
     from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
+    from flwr_datasets.partitioner import DirichletPartitioner, PathologicalPartitioner
 
     ds = Dataset.from_dict({"label": [e.label for e in examples], "idx": list(range(len(examples)))})
     if kind == "iid":
-        ds = ds.shuffle(seed=seed)
-        part = IidPartitioner(num_partitions=num_clients)
+        # IidPartitioner's partition i is the i-th contiguous shard (Dataset.shard) of the
+        # shuffled set: computed here in one pass over the shuffled order, as one
+        # load_partition per client costs ~1 ms (10 s at 10,000 clients)
+        order = ds.shuffle(seed=seed)["idx"]
+        return contiguous_shards(list(order), num_clients)
     elif kind == "dirichlet":
         part = DirichletPartitioner(
             num_partitions=num_clients, partition_by="label", alpha=alpha,
@@ -39,3 +38,14 @@ def partition_by_label(
         )
     part.dataset = ds
     return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
+
+
+def contiguous_shards(items: list[int], num_shards: int) -> list[list[int]]:
+    """``datasets.Dataset.shard(num_shards, i, contiguous=True)`` for every ``i``: the first
+    ``len % num_shards`` shards one longer."""
+    div, mod = divmod(len(items), num_shards)
+    out = []
+    for i in range(num_shards):
+        start = div * i + min(i, mod)
+        out.append(items[start:start + div + (1 if i < mod else 0)])
+    return out
