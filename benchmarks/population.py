@@ -30,13 +30,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+# ../shared/data beside the checkout (a worktree one level deeper: two levels up)
+DATA = next((p / "shared" / "data" / "sst2" for p in (ROOT.parent, ROOT.parent.parent)
+             if (p / "shared" / "data" / "sst2").is_dir()), ROOT.parent / "shared" / "data" / "sst2")
 BASE = ROOT / "configs" / "tiny" / "fedit.toml"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def overrides(n: int) -> list[str]:
-    return [
+def overrides(n: int, cap: int = 6, threads: int = 1) -> list[str]:
+    """The run at N clients; ``cap``: sentences each sampled client trains on (0 = all it holds),
+    ``threads``: torch threads (0 = torch's default)."""
+    return [f"data.max_train_per_client={cap}", f"engine.threads={threads}",
         'model.source="tiny"', 'data.kind="tsv"', f'data.dir="{DATA}"', 'data.layout="label_skew"',
         'data.partitioner="iid"', f"data.num_clients={n}", 'data.train_file="train.tsv"',
         'data.test_file="test.tsv"', 'data.label_names=["negative","positive"]',
@@ -52,12 +56,12 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def one(n: int, out: Path) -> dict:
+def one(n: int, out: Path, cap: int, threads: int) -> dict:
     """One run in this process (the child)."""
     from fedblend.config import load_config
     from fedblend.runner import run_experiment
 
-    cfg = load_config(BASE, overrides(n))
+    cfg = load_config(BASE, overrides(n, cap, threads))
     t = time.perf_counter()
     s = run_experiment(cfg, out)
     run_s = time.perf_counter() - t
@@ -84,12 +88,13 @@ def one(n: int, out: Path) -> dict:
     }
 
 
-def measure(n: int) -> dict:
+def measure(n: int, cap: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"pop{n}_") as tmp:
         out = Path(tmp) / "run"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--out", str(out)],
+        proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--out", str(out),
+                               "--cap", str(cap), "--threads", str(threads)],
                               check=False, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
         if proc.returncode != 0:
@@ -125,13 +130,13 @@ def combine(reps: list[dict]) -> dict:
     return out
 
 
-def write(results: dict[str, dict], note: str) -> None:
+def write(results: dict[str, dict], note: str, cap: int, threads: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "population.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     doc = {"inprocess": results, "simulation": old.get("simulation", {}),
            "setting": {"cpu": cpu_name(), "threads": os.cpu_count(), "base": "configs/tiny/fedit.toml",
-                       "overrides": overrides(0)[:4] + overrides(0)[5:], "note": note}}
+                       "overrides": [o for o in overrides(0, cap, threads) if "num_clients" not in o], "note": note}}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     rows = [("| clients | build s | s / round (min-max) | eval s | peak RSS MB | process wall s | run dir | "
             "evaluated | generated |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -148,6 +153,11 @@ def write(results: dict[str, dict], note: str) -> None:
         "(`data.layout = \"label_skew\"`, `data.partitioner = \"iid\"`), K = 10 clients per round, 3 rounds, "
         "4 test examples per client, default evaluation (exact up to 100 clients, a seeded sample of 100 "
         "beyond, TTP on a pooled test set of 256). Each N in its own process."),
+        "",
+        (f"Each sampled client trains on at most {cap or 'all'} of its sentences (`data.max_train_per_client`): "
+         "at N = 10,000 a client holds about 6, at N = 10 about 6,000, so without the cap a round's work "
+         "is the data volume (1,000x between the two), not the population's overhead this measures. "
+         f"Torch threads: {threads or 'default'} (`engine.threads`)."),
         "",
         f"CPU: {cpu_name()}, {os.cpu_count()} cores. {note}",
         "",
@@ -169,21 +179,23 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    ap.add_argument("--cap", type=int, default=6, help="data.max_train_per_client (0 = all the client holds)")
+    ap.add_argument("--threads", type=int, default=1, help="engine.threads (0 = torch's default)")
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.out)))
+        print(json.dumps(one(args.one, args.out, args.cap, args.threads)))
         return
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: SST-2 not found")
     results: dict[str, dict] = {}
     for n in args.sizes:
-        reps = [measure(n) for _ in range(args.repeat)]
+        reps = [measure(n, args.cap, args.threads) for _ in range(args.repeat)]
         results[str(n)] = combine(reps)
         r = results[str(n)]
         print(f"N={n:>6}: build {r['build_s']:.2f} s, round {r['round_s']:.2f} s, eval {r['eval_s']:.2f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, wall {r['wall_s']:.1f} s, run dir {r['run_dir_bytes'] / 1e6:.2f} MB",
               flush=True)
-    write(results, args.note)
+    write(results, args.note, args.cap, args.threads)
 
 
 if __name__ == "__main__":

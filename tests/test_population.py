@@ -132,8 +132,12 @@ def test_only_the_sampled_clients_states_are_loaded_in_a_round(tmp_path: Path, m
 def test_sampled_evaluation_equals_the_exact_protocol_when_it_samples_everything(tmp_path: Path):
     base = {"algorithm": "feddpa_t"}
     exact = run_experiment(config_from_dict(tiny_raw(**base)), tmp_path / "exact")
-    sampled = run_experiment(config_from_dict(tiny_raw(**base, eval={"clients": 3, "ttp_tasks": 5})),
+    # also scored every round (eval.every): which must leave the training untouched
+    sampled = run_experiment(config_from_dict(tiny_raw(**base, eval={"clients": 3, "ttp_tasks": 5, "every": 1})),
                              tmp_path / "sampled")
+    assert [r["round"] for r in sampled["p_per_round"]] == [1, 2] and exact["p_per_round"] is None
+    assert all(r["lo"] <= r["P"] <= r["hi"] and r["clients"] == 3 for r in sampled["p_per_round"])
+    assert "every k rounds" in (tmp_path / "sampled" / "report.html").read_text()
     assert exact["evaluation"]["mode"] == "exact" and exact["evaluation"]["interval"] is None
     ev = sampled["evaluation"]
     assert ev["mode"] == "sampled" and ev["clients"] == 3 and ev["clients_evaluated"] == 3
@@ -280,3 +284,18 @@ def test_sigterm_mid_run_ends_the_cli_process(tmp_path: Path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_iid_partitions_are_flwr_datasets_iid_partitions():
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedblend.partition import partition_by_label
+    from fedblend.text.sources import Example
+
+    for n, k, seed in ((50, 7, 3), (23, 23, 0), (101, 10, 42)):
+        items = [Example(f"x{i}", str(i % 3), "", str(i % 3)) for i in range(n)]
+        ds = Dataset.from_dict({"label": [e.label for e in items], "idx": list(range(n))}).shuffle(seed=seed)
+        part = IidPartitioner(num_partitions=k)
+        part.dataset = ds
+        assert partition_by_label(items, k, "iid", seed, 0.5, 2) == [list(part.load_partition(i)["idx"]) for i in range(k)]

@@ -185,6 +185,10 @@ class EvalConfig(_Section):
         20, ge=1, description="sampled evaluation: TTP of each evaluated client on a seeded sample of this "
         "many other clients' tasks (besides its own)",
     )
+    every: int = Field(
+        0, ge=0, description="every this many rounds, score the global adapter's P on the evaluated clients' "
+        "own test sets (eval/p_per_round.json, plotted in the report); 0 = off",
+    )
     pooled_test: int = Field(
         256, ge=0, description="sampled evaluation of a label-skew federation: TTP on one seeded pooled test "
         "set of this many instances drawn over all clients' test sets; 0 = sample tasks (eval.ttp_tasks)",

@@ -128,6 +128,12 @@ def _contexts(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cids: Sequenc
     return {cid: _context(cfg, prep, trainer, cid) for cid in cids}
 
 
+def _finishes(algorithm: Any) -> bool:
+    """Whether the algorithm's ``finish_client`` does anything (FedDPA-F fine-tunes)."""
+    inner = getattr(algorithm, "inner", algorithm)
+    return type(inner).finish_client is not Algorithm.finish_client
+
+
 def send_final(transport: Transport, rounds: int, cids: Sequence[int], final: Message) -> Message:
     """The final payload, sent to every client: each message counted (and tapped) as sent,
     one decoded copy shared by all (they are byte-identical)."""
@@ -173,7 +179,10 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None,
         store = loop.client_states
         contexts: dict[int, ClientContext] = {}
         states: dict[int, State] = {}
+        finishes = _finishes(algorithm)
         for cid in cids:
+            if not finishes and cid not in keep and cid not in store:
+                continue  # never trained, nothing to finish: its state is the fresh one, from its seed
             ctx = _context(cfg, prep, trainer, cid)
             steps = algorithm.finish_steps(len(prep.examples[cid]), trainer)
             task = progress.add_task(f"finish client {cid}", total=steps) if progress and steps else None
@@ -252,12 +261,14 @@ def _evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> 
         trainer = mod.load_trainer(desc)
         prep = mod.prepare(trainer, fed, algorithm, None)
         cids = list(mod.eval_clients(fed))
-        initial_states(algorithm, trainer, run, cids, 0, None)  # the trainer's roles, as in the run
+        # the trainer's roles, as in the run; a client without a final state never trained
+        # and holds its fresh one
+        _, _, _, store = initial_states(algorithm, trainer, run, cids, 0, None)
         final = Message(tensors=load_state(src.path / "final" / "server.safetensors"))
         states = {}
         for cid in cids:
             p = src.path / "final" / "clients" / f"{cid}.safetensors"
-            states[cid] = load_state(p) if p.is_file() else {}
+            states[cid] = load_state(p) if p.is_file() else store.get(cid, {})
         old = src.summary()
         keep = ("load_s", "feature_s", "train_s", "finish_s")
         train_info = {

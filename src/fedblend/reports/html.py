@@ -132,6 +132,22 @@ def _histogram_plot(s: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def _p_rounds_plot(s: dict[str, Any]) -> str | None:
+    """``eval.every``: the global adapter's P on the evaluated clients, every k rounds."""
+    hist = s.get("p_per_round")
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [r["round"] for r in hist]
+    ax.plot(x, [r["P"] for r in hist], marker="o")
+    if all("lo" in r for r in hist):
+        ax.fill_between(x, [r["lo"] for r in hist], [r["hi"] for r in hist], alpha=0.25, label="95% interval")
+        ax.legend()
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"global adapter P ({s.get('metric', '')})")
+    return _png(fig)
+
+
 def _distribution_table(s: dict[str, Any]) -> str:
     ev = s.get("evaluation") or {}
     dist = ev.get("distribution") or {}
@@ -240,6 +256,7 @@ def write_report(path: str | Path) -> Path:
         ("bytes per round", _bytes_plot(rounds)),
         ("P and TTP per client", _pttp_plot(s["clients"], s["metric"]) if s.get("clients") and len(s["clients"]) <= READABLE and "P" in next(iter(s["clients"].values()), {}) else None),
         ("per-client P and TTP", _histogram_plot(s)),
+        ("global adapter P on the evaluated clients, every k rounds", _p_rounds_plot(s)),
         ("client-by-task scores", _heatmap(s["clients"], s["metric"]) if s.get("clients") and "by_task" in next(iter(s["clients"].values()), {}) else None),
         ("instance weights: own vs other tasks", _weights_plot(run.path)),
         ("accuracy per class", _per_class_plot(s)),

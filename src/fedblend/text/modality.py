@@ -14,6 +14,7 @@ from fedblend.plain_progress import label, say
 from fedblend.stats import cluster_bootstrap, distribution
 from fedblend.store.rundir import RunDir
 from fedblend.text.backbone import backbone_bytes
+from fedblend.text.metrics import score
 from fedblend.text.protocol import (
     ClientEval,
     EvalPlan,
@@ -24,6 +25,44 @@ from fedblend.text.protocol import (
     summarize,
 )
 from fedblend.trust import last_privacy
+
+ROUND_P = "eval/p_per_round.json"
+
+
+class _EveryKRounds:
+    """Wraps an algorithm: every ``eval.every`` rounds, the new global adapter's P on the
+    evaluated clients' own test sets (the final evaluation's clients), with its interval when
+    they are a sample. A resumed run keeps the rounds it already scored."""
+
+    def __init__(self, algorithm: Algorithm, trainer: Any, fed: Any, plan: EvalPlan, run: RunDir,
+                 start_round: int) -> None:
+        self._a, self._tr, self._fed, self._plan, self._run = algorithm, trainer, fed, plan, run
+        saved = run.path / ROUND_P
+        old = json.loads(saved.read_text()) if saved.is_file() else []
+        self.history: list[dict[str, Any]] = [r for r in old if r["round"] <= start_round]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._a, name)
+
+    def aggregate(self, rnd: int, updates: dict[int, Message], server_state: State) -> State:
+        new = self._a.aggregate(rnd, updates, server_state)
+        cfg = self._a.cfg
+        if (rnd + 1) % cfg.eval.every == 0 and "global" in new:
+            self._tr.adapters.set("global", new["global"])
+            by_task: dict[str, float] = {}
+            own = {cid: ts[0] for cid, ts in self._plan.tasks.items()}
+            for task in dict.fromkeys(own.values()):
+                examples = self._fed.test_by_task[task]
+                preds = self._tr.generate([e.instruction for e in examples], {"global": 1.0})
+                by_task[task] = score(preds, [e.output for e in examples])[cfg.eval.metric]
+            ps = [by_task[t] for t in own.values()]
+            rec: dict[str, Any] = {"round": rnd + 1, "P": sum(ps) / len(ps), "clients": len(ps)}
+            if self._plan.sampled:
+                ci = cluster_bootstrap(ps, seed=cfg.seed)
+                rec.update(lo=ci["lo"], hi=ci["hi"])
+            self.history.append(rec)
+            self._run.write_json(ROUND_P, self.history)
+        return new
 
 
 class TextModality(Modality):
@@ -50,6 +89,7 @@ class TextModality(Modality):
 
     def prepare(self, trainer: Any, fed: Any, algorithm: Algorithm, progress: Any,
                 cids: Sequence[int] | None = None, evaluation: bool = True) -> Prepared:
+        self._fed = fed
         clients = [c for c in fed.clients if cids is None or c.cid in cids]
         if algorithm.pools_data:
             train_data: dict[int, Sequence[Any]] = {0: [e for c in fed.clients for e in c.train]}
@@ -70,6 +110,13 @@ class TextModality(Modality):
 
     def eval_clients(self, fed: Any) -> list[int]:
         return list(self.plan(fed).clients)
+
+    def track_rounds(self, algorithm: Algorithm, trainer: Any, prep: Prepared, run: RunDir,
+                     start_round: int) -> Algorithm:
+        fed = getattr(self, "_fed", None)
+        if not self.cfg.eval.every or fed is None:
+            return algorithm
+        return _EveryKRounds(algorithm, trainer, fed, self.plan(fed), run, start_round)  # type: ignore[return-value]
 
     def evaluate(self, algorithm: Algorithm, trainer: Any, fed: Any, prep: Prepared,
                  finals: dict[int, Message], states: dict[int, State],
@@ -170,6 +217,7 @@ def build_summary(
         "evaluated_from": None,
         "privacy": last_privacy(run.rounds()),  # client-level DP; None when off
         "evaluation": evaluation_record(scores["clients"], plan, cfg.seed),
+        "p_per_round": json.loads((run.path / ROUND_P).read_text()) if (run.path / ROUND_P).is_file() else None,
         **(extra or {}),
     }
 
