@@ -174,6 +174,27 @@ class EvalConfig(_Section):
     dynamic_lambda: float = Field(0.5, ge=0, le=1)
     dynamic_top_k: int = Field(5, ge=1)
     dynamic_reference: int = Field(0, ge=0, description="max local training prompts embedded; 0 = all")
+    # evaluation at population scale (text): see docs/population.md
+    exact_max_clients: int = Field(
+        100, ge=0, description="federations with at most this many clients are evaluated exactly (every "
+        "client, every task); larger ones on a seeded sample of this many clients (eval.clients); 0 = always exact",
+    )
+    clients: int = Field(
+        0, ge=0, description="evaluate a seeded sample of this many clients, with 95% intervals; "
+        "0 = every client up to eval.exact_max_clients, else a sample of that many",
+    )
+    ttp_tasks: int = Field(
+        20, ge=1, description="sampled evaluation: TTP of each evaluated client on a seeded sample of this "
+        "many other clients' tasks (besides its own)",
+    )
+    every: int = Field(
+        0, ge=0, description="every this many rounds, score the global adapter's P on the evaluated clients' "
+        "own test sets (eval/p_per_round.json, plotted in the report); 0 = off",
+    )
+    pooled_test: int = Field(
+        256, ge=0, description="sampled evaluation of a label-skew federation: TTP on one seeded pooled test "
+        "set of this many instances drawn over all clients' test sets; 0 = sample tasks (eval.ttp_tasks)",
+    )
 
 
 class VisionConfig(_Section):
@@ -333,6 +354,20 @@ class ExperimentConfig(_Section):
         if v not in known:
             raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ExperimentConfig:
+        """Sizes that cannot fit the federation (its client count, as the config gives it)."""
+        if self.algorithm in VISION_ALGORITHMS:
+            return self
+        n = len(self.data.clients) or self.data.num_clients
+        where = "data.clients" if self.data.clients else "data.num_clients"
+        k = self.train.clients_per_round
+        if k > n:
+            raise ValueError(f"train.clients_per_round: {k} clients per round > {n} clients ({where})")
+        if self.eval.clients > n:
+            raise ValueError(f"eval.clients: an evaluation sample of {self.eval.clients} > {n} clients ({where})")
+        return self
 
     @model_validator(mode="after")
     def _trust_checks(self) -> ExperimentConfig:

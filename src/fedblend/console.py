@@ -74,6 +74,9 @@ def fmt_bytes(n: float) -> str:
 
 def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
     """The results table of one run, from its summary."""
+    if len(summary.get("clients") or {}) > TABLE_MAX_CLIENTS:
+        print_distribution(summary, out)
+        return
     title = f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')}"
     t = table(title, [("client", "number"), ("task", "name"), ("P", "number"), ("TTP", "number")])
     if "clients" in summary and summary["clients"] and "P" in next(iter(summary["clients"].values())):
@@ -93,6 +96,45 @@ def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
     comm, tm = summary.get("comm", {}), summary.get("time", {})
     console.print(
         f"sent up {fmt_bytes(comm.get('bytes_up', 0))}, down {fmt_bytes(comm.get('bytes_down', 0))}; "
+        f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
+        + (f"; run dir {out}" if out else "")
+    )
+
+
+TABLE_MAX_CLIENTS = 20
+"""More evaluated clients than this: the terminal shows their distribution, not a row each."""
+
+
+def print_distribution(summary: dict[str, Any], out: Path | None = None) -> None:
+    """A text run with many clients: the means (with their 95% intervals where the clients
+    were sampled), the quantiles of per-client P and TTP, and a histogram of per-client P."""
+    ev = summary.get("evaluation") or {}
+    dist = ev.get("distribution") or {}
+    n, n_eval = ev.get("clients", len(summary["clients"])), ev.get("clients_evaluated", len(summary["clients"]))
+    how = (f"a seeded sample of {n_eval:,} of {n:,} clients, TTP on "
+           + {"pooled": f"a pooled test set of {ev.get('pooled_test_instances', 0):,} instances",
+              "tasks": f"{ev.get('ttp_other_tasks_per_client', 0)} sampled other tasks per client",
+              "off": "own task only"}.get(ev.get("ttp", ""), "every task")
+           if ev.get("mode") == "sampled" else f"all {n_eval:,} clients, every task")
+    t = Table(title=f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')} - {how}")
+    t.add_column("")
+    for col in ("mean", "95% interval", *(f"q{q}" for q in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1"))):
+        t.add_column(col, justify="right")
+    for key in ("P", "TTP"):
+        ci = ev.get(key)
+        q = (dist.get(key) or {}).get("quantiles", {})
+        t.add_row(key, f"{summary['mean'][key]:.4f}", f"{ci['lo']:.4f} .. {ci['hi']:.4f}" if ci else "exact",
+                  *(f"{q[k]:.3f}" if k in q else "-" for k in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1")))
+    console.print(t)
+    hist = (dist.get("P") or {}).get("histogram")
+    if hist and sum(hist["counts"]):
+        top = max(hist["counts"])
+        console.print("per-client P (clients per bin)")
+        for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False):
+            console.print(f"  {lo:.1f}-{hi:.1f} {'#' * round(30 * c / top):<30} {c}", highlight=False)
+    comm, tm = summary.get("comm", {}), summary.get("time", {})
+    console.print(
+        f"sent up {_fmt_bytes(comm.get('bytes_up', 0))}, down {_fmt_bytes(comm.get('bytes_down', 0))}; "
         f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
         + (f"; run dir {out}" if out else "")
     )

@@ -91,6 +91,11 @@ class Modality(ABC):
     def client(self, fed: Any, cid: int) -> Any:
         return next(c for c in fed.clients if c.cid == cid)
 
+    def eval_clients(self, fed: Any) -> list[int]:
+        """The clients the evaluation scores (every one; text federations past
+        ``eval.exact_max_clients``: a seeded sample). Only their finished states are kept."""
+        return [c.cid for c in fed.clients]
+
     def track_rounds(self, algorithm: Algorithm, trainer: Any, prep: Prepared, run: RunDir,
                      start_round: int) -> Algorithm:
         """The algorithm the round loop drives (vision wraps it to score every round)."""

@@ -18,6 +18,7 @@ from fedblend.comm.codec import Message, decode, encode
 from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
 from fedblend.device import system_info
 from fedblend.plain_progress import label, round_line, say
+from fedblend.store.clients import ClientStore
 from fedblend.store.rundir import RunDir
 from fedblend.trust import round_record, screen_updates, skip_reason
 
@@ -48,10 +49,15 @@ class Transport:
     def encode_down(self, rnd: int, cid: int, msg: Message) -> bytes:
         """The wire bytes of a server -> client message, counted (and tapped)."""
         data = encode(msg)
+        self.sent_down(rnd, cid, data)
+        return data
+
+    def sent_down(self, rnd: int, cid: int, data: bytes) -> None:
+        """Count (and tap) the wire bytes of a server -> client message already encoded (the
+        same bytes sent to many clients are encoded once)."""
         self._count("down", rnd, len(data))
         if self.tap:
             self.tap("down", rnd, cid, data)
-        return data
 
     def decode_up(self, rnd: int, cid: int, data: bytes, allowed: Sequence[str]) -> Message:
         """Count (and tap) a client -> server message and decode it; refuse unshared roles."""
@@ -124,9 +130,12 @@ def run_round_loop(
     checkpoint. ``client_states`` are checkpointed when the engine holds them (in-process)."""
     counters = counters or {"train_s": 0.0}
     client_states = client_states if client_states is not None else {}
+    store = client_states if isinstance(client_states, ClientStore) else None
     ids = sorted(client_ids)
     for rnd in range(start_round, cfg.train.rounds):
         t_round = time.perf_counter()
+        if store is not None:
+            store.version = rnd + 1  # the sampled clients' states after this round
         selected = select_clients(cfg, rnd, ids)
         payloads = algorithm.configure_round(rnd, server_state, selected)
         received, dropped = dispatch(rnd, {cid: payloads[cid] for cid in selected})
@@ -157,14 +166,18 @@ def run_round_loop(
         every = cfg.engine.checkpoint_every
         if every and ((rnd + 1) % every == 0 or rnd + 1 == cfg.train.rounds):
             counters.update(bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)
-            run.save_checkpoint(rnd + 1, server_state, client_states, counters)
+            # a store holds the client states already (read up to this round on resume)
+            run.save_checkpoint(rnd + 1, server_state, {} if store is not None else client_states, counters)
+            if store is not None:
+                store.committed = rnd + 1
     return LoopResult(server_state, client_states, counters["train_s"])
 
 
 def resume_checkpoint(run: RunDir, transport: Transport, client_ids: Sequence[int]
                       ) -> tuple[State, dict[int, State], dict[str, Any]]:
     """The last checkpoint's server state, the states of ``client_ids`` (those the engine
-    holds) and counters; ``transport``'s byte counters continue from the checkpoint's."""
+    holds; none where a :class:`ClientStore` holds them) and counters; ``transport``'s byte
+    counters continue from the checkpoint's."""
     server_state, client_states, counters = run.load_checkpoint(list(client_ids))
     transport.bytes_up, transport.bytes_down = counters["bytes_up"], counters["bytes_down"]
     return server_state, client_states, counters

@@ -21,8 +21,8 @@ import torch
 
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
-from fedblend.comm.codec import Message
-from fedblend.config import ExperimentConfig
+from fedblend.comm.codec import Message, decode, encode
+from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
 from fedblend.engines.inprocess import local_dispatch
 from fedblend.modalities import modality_for
 from fedblend.modality import Modality, Prepared
@@ -35,6 +35,7 @@ from fedblend.rounds import (
     run_round_loop,
 )
 from fedblend.runlog import third_party_to
+from fedblend.store.clients import ClientStore
 from fedblend.store.files import load_state, save_state
 from fedblend.store.rundir import RunDir
 
@@ -68,17 +69,36 @@ def prepare_torch(cfg: ExperimentConfig) -> float:
     return time.perf_counter()
 
 
+def client_store(algorithm: Algorithm, trainer: Any, run: RunDir) -> ClientStore:
+    """The clients' private states, on disk under the run's checkpoint (read for the sampled
+    clients only). A client never written reads as the algorithm's fresh state, computed when
+    first asked for, with the global RNG left as it was."""
+
+    def init(cid: int) -> State:
+        with torch.random.fork_rng(devices=[]):
+            return algorithm.init_client_state(trainer, cid)
+
+    return ClientStore(run.path / "checkpoint" / "clients", init=init,
+                       keep_committed=bool(algorithm.cfg.engine.checkpoint_every))
+
+
 def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
-    """Fresh server and client states, or those of the last checkpoint when resuming, with a
-    transport whose byte counters continue from the checkpoint."""
+    """Fresh server state and the client state store, or the last checkpoint's when resuming,
+    with a transport whose byte counters continue from the checkpoint."""
     transport = Transport(tap=tap)
+    store = client_store(algorithm, trainer, run)
     if start_round > 0:
-        server_state, client_states, counters = resume_checkpoint(run, transport, client_ids)
+        server_state, _, counters = resume_checkpoint(run, transport, [])
+        store.limit = store.committed = start_round  # versions a crashed round wrote are not read
     else:
         counters = {"train_s": 0.0}
         server_state = algorithm.init_server_state(trainer)
-        client_states = {cid: algorithm.init_client_state(trainer, cid) for cid in client_ids}
-    return transport, counters, server_state, client_states
+        if algorithm.cfg.algorithm in VISION_ALGORITHMS:
+            # the vision trainer's fresh states re-seed the global RNG: its runs drew their
+            # numbers after every client's initialisation, and still do
+            for cid in client_ids:
+                algorithm.init_client_state(trainer, cid)
+    return transport, counters, server_state, store
 
 
 def run_experiment(
@@ -98,10 +118,29 @@ def run_experiment(
             raise
 
 
-def _contexts(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cids: Sequence[int]) -> dict[int, ClientContext]:
+def _context(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cid: int) -> ClientContext:
     rounds = cfg.train.rounds
-    return {cid: ClientContext(cid=cid, round=rounds, seed=client_seed(cfg.seed, rounds, cid),
-                               examples=prep.examples[cid], trainer=trainer, cfg=cfg) for cid in cids}
+    return ClientContext(cid=cid, round=rounds, seed=client_seed(cfg.seed, rounds, cid),
+                         examples=prep.examples[cid], trainer=trainer, cfg=cfg)
+
+
+def _contexts(cfg: ExperimentConfig, prep: Prepared, trainer: Any, cids: Sequence[int]) -> dict[int, ClientContext]:
+    return {cid: _context(cfg, prep, trainer, cid) for cid in cids}
+
+
+def _finishes(algorithm: Any) -> bool:
+    """Whether the algorithm's ``finish_client`` does anything (FedDPA-F fine-tunes)."""
+    inner = getattr(algorithm, "inner", algorithm)
+    return type(inner).finish_client is not Algorithm.finish_client
+
+
+def send_final(transport: Transport, rounds: int, cids: Sequence[int], final: Message) -> Message:
+    """The final payload, sent to every client: each message counted (and tapped) as sent,
+    one decoded copy shared by all (they are byte-identical)."""
+    data = encode(final)
+    for cid in cids:
+        transport.sent_down(rounds, cid, data)
+    return decode(data)
 
 
 def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None,
@@ -109,7 +148,9 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None,
     t0 = prepare_torch(cfg)
     mod = modality_for(cfg)
     cfg = mod.cfg
+    t_build = time.perf_counter()
     fed = mod.build_federation()
+    build_s = time.perf_counter() - t_build
     desc = mod.describe(fed)
     algorithm = make_algorithm(cfg)
     t_load = time.perf_counter()
@@ -128,31 +169,40 @@ def _run(cfg: ExperimentConfig, run: RunDir, start_round: int, tap: Tap | None,
             tracked, sorted(prep.train_data), cfg, run, transport, server_state, dispatch,
             client_states=client_states, start_round=start_round, counters=counters,
         )
-        # the final global model goes to every client, which may then finish locally
+        # the final global model goes to every client, which may then finish locally; the
+        # finished states are written as they come, and only the evaluated clients' kept
         t_fin = time.perf_counter()
         final = algorithm.final_payload(loop.server_state)
         rounds = cfg.train.rounds
-        contexts = _contexts(cfg, prep, trainer, cids)
-        finals = {cid: transport.down(rounds, cid, final) for cid in cids}
-        states = {cid: loop.client_states.get(cid, {}) for cid in cids}
+        received = send_final(transport, rounds, cids, final)
+        keep = set(mod.eval_clients(fed))
+        store = loop.client_states
+        contexts: dict[int, ClientContext] = {}
+        states: dict[int, State] = {}
+        finishes = _finishes(algorithm)
         for cid in cids:
+            if not finishes and cid not in keep and cid not in store:
+                continue  # never trained, nothing to finish: its state is the fresh one, from its seed
+            ctx = _context(cfg, prep, trainer, cid)
             steps = algorithm.finish_steps(len(prep.examples[cid]), trainer)
             task = progress.add_task(f"finish client {cid}", total=steps) if progress and steps else None
             if task is not None:
-                contexts[cid].progress = lambda n, t=task: progress.advance(t, n)
-            states[cid] = algorithm.finish_client(contexts[cid], finals[cid], states[cid])
-            contexts[cid].progress = None
+                ctx.progress = lambda n, t=task: progress.advance(t, n)
+            st = algorithm.finish_client(ctx, received, store.get(cid, {}))
+            ctx.progress = None
             if task is not None:
                 progress.remove_task(task)
+            if st:  # what each client holds after training (none: the final payload alone)
+                save_state(run.path / "final" / "clients" / f"{cid}.safetensors", st)
+            if cid in keep:
+                contexts[cid], states[cid] = ctx, st
         finish_s = time.perf_counter() - t_fin
+        finals = dict.fromkeys(states, received)
 
-    # what each client holds after training: the final payload and its finished private state
     save_state(run.path / "final" / "server.safetensors", final.tensors)
-    for cid, st in states.items():
-        save_state(run.path / "final" / "clients" / f"{cid}.safetensors", st)
     train_info = {
         "comm": {"bytes_up": transport.bytes_up, "bytes_down": transport.bytes_down},
-        "time": {"load_s": load_s, **prep.times, "train_s": loop.train_s, "finish_s": finish_s},
+        "time": {"build_s": build_s, "load_s": load_s, **prep.times, "train_s": loop.train_s, "finish_s": finish_s},
         "extra": {"resumed_at_round": start_round or None},
     }
     return evaluate_and_summarize(mod, run, fed, desc, algorithm, trainer, prep, finals, states, contexts,
@@ -210,13 +260,15 @@ def _evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> 
         algorithm = make_algorithm(mod.cfg)
         trainer = mod.load_trainer(desc)
         prep = mod.prepare(trainer, fed, algorithm, None)
-        cids = [c.cid for c in fed.clients]
-        initial_states(algorithm, trainer, run, cids, 0, None)  # the trainer's roles, as in the run
+        cids = list(mod.eval_clients(fed))
+        # the trainer's roles, as in the run; a client without a final state never trained
+        # and holds its fresh one
+        _, _, _, store = initial_states(algorithm, trainer, run, cids, 0, None)
         final = Message(tensors=load_state(src.path / "final" / "server.safetensors"))
         states = {}
         for cid in cids:
             p = src.path / "final" / "clients" / f"{cid}.safetensors"
-            states[cid] = load_state(p) if p.is_file() else {}
+            states[cid] = load_state(p) if p.is_file() else store.get(cid, {})
         old = src.summary()
         keep = ("load_s", "feature_s", "train_s", "finish_s")
         train_info = {

@@ -122,3 +122,36 @@ def fmt(s: Mapping[str, Any] | None, digits: int = 3) -> str:
     if not s:
         return "-"
     return f"{s['mean']:.{digits}f} ± {s['half']:.{digits}f}"
+
+
+def cluster_bootstrap(
+    values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
+) -> dict[str, Any]:
+    """The mean of per-client values from a random sample of clients, with the percentile
+    bootstrap interval over clients (resampled with replacement). Each client's value already
+    averages its own test instances, so resampling clients carries both the spread between
+    clients and the instance noise within them (the cluster bootstrap). The interval treats the
+    sample as drawn from a large population: conservative when it is most of the federation."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise FedblendError("no clients to summarise")
+    rng = np.random.default_rng(seed)
+    reps = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = (float(v) for v in np.quantile(reps, [alpha, 1 - alpha]))
+    return {"mean": float(x.mean()), "lo": lo, "hi": hi, "half": (hi - lo) / 2, "clients": int(x.size)}
+
+
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def distribution(values: Sequence[float], bins: int = 10) -> dict[str, Any]:
+    """Quantiles and a histogram on [0, 1] of per-client scores (what a table of thousands of
+    rows cannot show)."""
+    x = np.asarray(values, dtype=float)
+    counts, edges = np.histogram(np.clip(x, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    return {
+        "n": int(x.size),
+        "quantiles": {f"{q:g}": float(np.quantile(x, q)) for q in QUANTILES} if x.size else {},
+        "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+    }

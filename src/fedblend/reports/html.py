@@ -99,10 +99,17 @@ def _pttp_plot(clients: dict[str, Any], metric: str) -> str:
     return _png(fig)
 
 
+READABLE = 30
+"""Most clients (bars, heatmap rows) or tasks (heatmap columns) a plot can label legibly; past
+it the report shows distributions."""
+
+
 def _heatmap(clients: dict[str, Any], metric: str) -> str | None:
     tasks = list(next(iter(clients.values())).get("by_task", {}))
-    if len(tasks) < 2:
+    if len(tasks) < 2 or len(clients) > READABLE or len(tasks) > READABLE:
         return None
+    if any(list(c.get("by_task", {})) != tasks for c in clients.values()):
+        return None  # sampled tasks differ from client to client: no grid
     ids = list(clients)
     grid = [[clients[c]["by_task"].get(t, float("nan")) for t in tasks] for c in ids]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -115,6 +122,55 @@ def _heatmap(clients: dict[str, Any], metric: str) -> str | None:
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title("client model (rows) on task test set (columns)", fontsize=8)
     return _png(fig)
+
+
+def _histogram_plot(s: dict[str, Any]) -> str | None:
+    """Per-client P and TTP of a run with many clients, as histograms (summary.evaluation)."""
+    dist = (s.get("evaluation") or {}).get("distribution") or {}
+    if len(s.get("clients") or {}) <= READABLE or not dist.get("P"):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, colour in (("P", "tab:blue"), ("TTP", "tab:orange")):
+        h = (dist.get(key) or {}).get("histogram")
+        if h:
+            edges = h["edges"]
+            ax.stairs(h["counts"], edges, label=key, color=colour, fill=key == "P", alpha=0.5 if key == "P" else 1)
+    ax.set_xlabel(s.get("metric", "score"))
+    ax.set_ylabel("clients")
+    ax.legend()
+    return _png(fig)
+
+
+def _p_rounds_plot(s: dict[str, Any]) -> str | None:
+    """``eval.every``: the global adapter's P on the evaluated clients, every k rounds."""
+    hist = s.get("p_per_round")
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [r["round"] for r in hist]
+    ax.plot(x, [r["P"] for r in hist], marker="o")
+    if all("lo" in r for r in hist):
+        ax.fill_between(x, [r["lo"] for r in hist], [r["hi"] for r in hist], alpha=0.25, label="95% interval")
+        ax.legend()
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"global adapter P ({s.get('metric', '')})")
+    return _png(fig)
+
+
+def _distribution_table(s: dict[str, Any]) -> str:
+    ev = s.get("evaluation") or {}
+    dist = ev.get("distribution") or {}
+    qs = ["0", "0.1", "0.25", "0.5", "0.75", "0.9", "1"]
+    rows = []
+    for key in ("P", "TTP"):
+        ci = ev.get(key)
+        q = (dist.get(key) or {}).get("quantiles", {})
+        rows.append([key, s["mean"][key], f"{ci['lo']:.4f} .. {ci['hi']:.4f}" if ci else "exact",
+                     *[q.get(k, float("nan")) for k in qs]])
+    sizes = {k: ev[k] for k in ("mode", "clients", "clients_evaluated", "tasks", "ttp",
+                                "ttp_other_tasks_per_client", "pooled_test_instances") if k in ev}
+    return (_table(["", "mean", "95% interval", *[f"q{k}" for k in qs]], rows)
+            + _table(list(sizes), [list(sizes.values())]))
 
 
 def _weights_plot(path: Path) -> str | None:
@@ -184,7 +240,9 @@ def write_report(path: str | Path) -> Path:
     rounds = run.rounds()
     parts = [(f"<p>algorithm <code>{html.escape(s['algorithm'])}</code>, {s['rounds']} rounds, "
               f"seed {s['seed']}, metric <code>{html.escape(s.get('metric', ''))}</code></p>")]
-    if "clients" in s and s["clients"] and "P" in next(iter(s["clients"].values())):
+    if "clients" in s and len(s["clients"]) > READABLE and "P" in next(iter(s["clients"].values())):
+        parts.append("<h2>Scores</h2>" + _distribution_table(s))
+    elif "clients" in s and s["clients"] and "P" in next(iter(s["clients"].values())):
         rows = [[c, v["task"], v["P"], v["TTP"]] for c, v in s["clients"].items()]
         rows.append(["mean", "", s["mean"]["P"], s["mean"]["TTP"]])
         parts.append("<h2>Scores</h2>" + _table(["client", "task", "P", "TTP"], rows))
@@ -206,7 +264,9 @@ def write_report(path: str | Path) -> Path:
     for title, b64 in (
         ("training loss per round", _loss_plot(rounds)),
         ("bytes per round", _bytes_plot(rounds)),
-        ("P and TTP per client", _pttp_plot(s["clients"], s["metric"]) if s.get("clients") and "P" in next(iter(s["clients"].values()), {}) else None),
+        ("P and TTP per client", _pttp_plot(s["clients"], s["metric"]) if s.get("clients") and len(s["clients"]) <= READABLE and "P" in next(iter(s["clients"].values()), {}) else None),
+        ("per-client P and TTP", _histogram_plot(s)),
+        ("global adapter P on the evaluated clients, every k rounds", _p_rounds_plot(s)),
         ("client-by-task scores", _heatmap(s["clients"], s["metric"]) if s.get("clients") and "by_task" in next(iter(s["clients"].values()), {}) else None),
         ("instance weights: own vs other tasks", _weights_plot(run.path)),
         ("accuracy per class", _per_class_plot(s)),

@@ -74,8 +74,8 @@ class RunDir:
         atomic_write(self.path / "status.json", json.dumps({"status": status, **extra}, indent=2))
 
     def fail(self, error: BaseException) -> None:
-        if not self.path.is_dir():
-            return
+        if not self.path.is_dir() or self.complete:
+            return  # once summary.json is written the run is complete, whatever arrives after
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (fedblend.signals)
             ckpt = self.path / "checkpoint" / "state.json"
             done = json.loads(ckpt.read_text())["rounds_completed"] if ckpt.is_file() else 0

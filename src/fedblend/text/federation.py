@@ -95,6 +95,9 @@ def _task_per_client(cfg: ExperimentConfig, pool: list[Example], test: list[Exam
 
 
 def _label_skew(cfg: ExperimentConfig, pool: list[Example], test: list[Example]) -> Federation:
+    if cfg.data.num_clients > len(pool):
+        raise DataError(f"data.num_clients: {cfg.data.num_clients} clients > {len(pool)} training examples "
+                        f"in {cfg.data.train_file} (every client needs at least one)")
     parts = partition_by_label(
         pool, cfg.data.num_clients, cfg.data.partitioner, cfg.seed,
         cfg.data.dirichlet_alpha, cfg.data.classes_per_client,

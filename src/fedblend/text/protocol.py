@@ -9,6 +9,7 @@ adapters and the same fixed mixing, as in FedIT) are evaluated once and shared. 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,9 @@ import torch
 from fedblend.algorithms.base import Algorithm, ClientContext, State, load_into
 from fedblend.comm.codec import Message
 from fedblend.text.batched_eval import Job, batchable, embed_across_clients, generate_across_clients
-from fedblend.text.federation import Federation
+from fedblend.text.federation import ClientData, Federation
 from fedblend.text.metrics import METRICS, score
+from fedblend.text.sources import Example
 
 
 @dataclass
@@ -55,13 +57,16 @@ def evaluate_client(
     ttp: bool,
     cache: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> ClientEval:
     """Score one client's model (its eval adapters and mixing) on its own task, and on every
-    task when ``ttp``. Runs where the client's private state is (in-process or on a node)."""
+    task when ``ttp`` (or on ``tasks``: a sampled evaluation's). Runs where the client's
+    private state is (in-process or on a node)."""
     client = fed.client(ctx.cid)
     adapters = algorithm.eval_adapters(final, state)
     load_into(trainer, adapters)
-    tasks: Sequence[str] = fed.tasks if ttp else [client.task]
+    if tasks is None:
+        tasks = fed.tasks if ttp else [client.task]
     ev = ClientEval(task=client.task, scores={})
     for task in tasks:
         examples = fed.test_by_task[task]
@@ -95,14 +100,17 @@ def evaluate_text(
     progress: Callable[[int], None] | None = None,
     dedupe: bool = True,
     cross_client: bool = True,
+    tasks_for: dict[int, list[str]] | None = None,
 ) -> dict[int, ClientEval]:
     """Every client's evaluation; identical client models are generated for only once unless
     ``dedupe`` is off (to time every client's inference, as the cost benchmark does).
     ``cross_client``: generate for all clients in shared batches where their eval adapters are
-    LoRA roles of the trainer (else, or when off, client after client)."""
+    LoRA roles of the trainer (else, or when off, client after client). ``tasks_for``: the
+    tasks each client is scored on (a sampled evaluation's :class:`EvalPlan`); default its own,
+    and every task with ``ttp``."""
     if cross_client:
         batched = evaluate_text_batched(
-            algorithm, trainer, fed, finals, client_states, contexts, ttp, progress, dedupe
+            algorithm, trainer, fed, finals, client_states, contexts, ttp, progress, dedupe, tasks_for
         )
         if batched is not None:
             return batched
@@ -111,6 +119,7 @@ def evaluate_text(
         c.cid: evaluate_client(
             algorithm, trainer, fed, contexts[c.cid], finals[c.cid],
             client_states.get(c.cid, {}), ttp, cache=cache, progress=progress,
+            tasks=tasks_for[c.cid] if tasks_for is not None else None,
         )
         for c in fed.clients
     }
@@ -126,6 +135,7 @@ def evaluate_text_batched(
     ttp: bool,
     progress: Callable[[int], None] | None = None,
     dedupe: bool = True,
+    tasks_for: dict[int, list[str]] | None = None,
 ) -> dict[int, ClientEval] | None:
     """:func:`evaluate_text` with every client's generations packed into shared batches; None
     where the eval adapters are not LoRA roles of the trainer. Each client's ``eval_mix`` runs
@@ -143,7 +153,8 @@ def evaluate_text_batched(
     shared: list[tuple[int, str, Job]] = []
     tasks: Sequence[str] = fed.tasks
     inputs = {t: [e.instruction for e in fed.test_by_task[t]] for t in tasks}
-    own = {c.cid: (tasks if ttp else [c.task]) for c in fed.clients}
+    own = {c.cid: (tasks_for[c.cid] if tasks_for is not None else tasks if ttp else [c.task])
+           for c in fed.clients}
     flat = {c.cid: [x for t in own[c.cid] for x in inputs[t]] for c in fed.clients}
     known = _embedded(algorithm, trainer, fed, contexts, adapters, flat)
     for c in fed.clients:
@@ -182,8 +193,8 @@ def evaluate_text_batched(
     for cid, task, job in shared:
         results[cid].scores[task] = results[job.cid].scores[job.task]
         results[cid].predictions[task] = results[job.cid].predictions[job.task]
-    for ev in results.values():  # task order, as client after client
-        order = fed.tasks if ttp else [ev.task]
+    for cid, ev in results.items():  # task order, as client after client
+        order = own[cid]
         ev.scores = {t: ev.scores[t] for t in order}
         ev.predictions = {t: ev.predictions[t] for t in order}
     return results
@@ -203,15 +214,17 @@ def _embedded(algorithm: Algorithm, trainer, fed: Federation, contexts: dict[int
     return {cid: (mixes[0], r) for cid, r in zip(wanted, rows, strict=True)}
 
 
-def summarize(results: dict[int, ClientEval], metric: str) -> dict[str, Any]:
-    """Per-client P/TTP (primary metric) with per-metric detail, and their means."""
+def summarize(results: dict[int, ClientEval], metric: str, plan: EvalPlan | None = None) -> dict[str, Any]:
+    """Per-client P/TTP (primary metric) with per-metric detail, and their means. With a
+    sampled ``plan``, TTP is its estimate (:func:`ttp_estimate`)."""
     clients: dict[str, Any] = {}
     for cid, ev in results.items():
         own = ev.scores[ev.task]
         per_metric = {
             m: {
                 "P": own[m],
-                "TTP": sum(s[m] for s in ev.scores.values()) / len(ev.scores),
+                "TTP": ttp_estimate(ev, m, plan) if plan is not None and plan.sampled
+                else sum(s[m] for s in ev.scores.values()) / len(ev.scores),
             }
             for m in METRICS
         }
@@ -232,3 +245,102 @@ def summarize(results: dict[int, ClientEval], metric: str) -> dict[str, Any]:
         for m in METRICS
     }
     return {"clients": clients, "mean": mean, "mean_by_metric": mean_by_metric}
+
+
+# ---- evaluation at population scale ------------------------------------------------------
+POOLED = "pooled"  # the pseudo-task of a label-skew federation's pooled test set
+
+
+@dataclass
+class EvalPlan:
+    """Which clients are evaluated, on which tasks. Exact (``sampled`` False): every client on
+    its own task, and on every task with TTP, as the papers' protocol. Sampled: a seeded
+    sample of clients, each on its own task and, for TTP, on a seeded sample of the other
+    clients' tasks (``ttp = "tasks"``) or on one pooled test set (``"pooled"``)."""
+
+    sampled: bool
+    clients: list[int]
+    tasks: dict[int, list[str]]  # per evaluated client, the tasks it is scored on
+    n_clients: int  # in the federation
+    n_tasks: int
+    ttp: str  # "all" | "tasks" | "pooled" | "off"
+    pooled: list[Example] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The sample sizes, as summary.json's ``evaluation`` records them."""
+        others = [len(ts) - 1 for ts in self.tasks.values()]
+        return {
+            "mode": "sampled" if self.sampled else "exact",
+            "clients": self.n_clients,
+            "clients_evaluated": len(self.clients),
+            "tasks": self.n_tasks,
+            "ttp": self.ttp,
+            "ttp_other_tasks_per_client": (min(others) if others else 0) if self.ttp in ("all", "tasks") else 0,
+            "pooled_test_instances": len(self.pooled),
+        }
+
+
+def eval_plan(cfg: Any, fed: Federation) -> EvalPlan:
+    """The evaluation of ``fed`` that ``cfg.eval`` asks for (seeded by ``cfg.seed``)."""
+    ec = cfg.eval
+    ids = [c.cid for c in fed.clients]
+    n = len(ids)
+    if not (ec.clients > 0 or (ec.exact_max_clients > 0 and n > ec.exact_max_clients)):
+        tasks = {c.cid: (list(fed.tasks) if ec.ttp else [c.task]) for c in fed.clients}
+        return EvalPlan(False, ids, tasks, n, len(fed.tasks), "all" if ec.ttp else "off")
+    size = ec.clients or ec.exact_max_clients
+    chosen = sorted(random.Random(f"eval-clients:{cfg.seed}").sample(ids, size))
+    by_id = {c.cid: c for c in fed.clients}
+    all_tasks = fed.tasks
+    pooled: list[Example] = []
+    if not ec.ttp:
+        mode = "off"
+    elif ec.pooled_test > 0 and cfg.data.layout == "label_skew" and cfg.data.kind != "synthetic":
+        mode = "pooled"
+        rng = random.Random(f"eval-pooled:{cfg.seed}")
+        # a task drawn uniformly, then one of its instances: the pooled mean estimates the
+        # mean over every task of its mean score, as TTP averages them
+        for _ in range(ec.pooled_test):
+            e = rng.choice(fed.test_by_task[rng.choice(all_tasks)])
+            pooled.append(Example(e.instruction, e.output, POOLED, e.label))
+    else:
+        mode = "tasks"
+    tasks: dict[int, list[str]] = {}
+    for cid in chosen:
+        own = by_id[cid].task
+        if mode == "off":
+            tasks[cid] = [own]
+        elif mode == "pooled":
+            tasks[cid] = [own, POOLED]
+        else:
+            others = [t for t in all_tasks if t != own]
+            pick = set(random.Random(f"eval-tasks:{cfg.seed}:{cid}").sample(others, min(ec.ttp_tasks, len(others))))
+            tasks[cid] = [t for t in all_tasks if t == own or t in pick]
+    return EvalPlan(True, chosen, tasks, n, len(all_tasks), mode, pooled)
+
+
+def plan_view(fed: Federation, plan: EvalPlan) -> Federation:
+    """The federation as the evaluation sees it: the evaluated clients and the test sets of
+    the tasks they are scored on (the pooled set among them)."""
+    if not plan.sampled:
+        return fed
+    by_id = {c.cid: c for c in fed.clients}
+    needed = {t for ts in plan.tasks.values() for t in ts}
+    tests = {t: v for t, v in fed.test_by_task.items() if t in needed}
+    if plan.pooled:
+        tests[POOLED] = plan.pooled
+    return Federation([ClientData(cid, by_id[cid].task, by_id[cid].train) for cid in plan.clients], tests)
+
+
+def ttp_estimate(ev: ClientEval, metric: str, plan: EvalPlan) -> float:
+    """A sampled evaluation's TTP of one client: the pooled set's score, or
+    ``(own + (T - 1) * mean over the sampled other tasks) / T`` (T tasks in the federation),
+    which is the exact TTP when every other task is sampled."""
+    own = ev.scores[ev.task][metric]
+    if plan.ttp == "pooled":
+        return ev.scores[POOLED][metric]
+    others = [s[metric] for t, s in ev.scores.items() if t != ev.task]
+    if plan.ttp == "off" or not others:
+        return own
+    t = plan.n_tasks
+    return (own + (t - 1) * sum(others) / len(others)) / t

@@ -1,0 +1,202 @@
+"""Population scale (issue 19): the tiny model on SST-2's training sentences split IID
+(``data.layout = "label_skew"``, ``data.partitioner = "iid"``) over N = 10, 100, 1,000 and
+10,000 clients, K = 10 sampled per round, 3 rounds, default evaluation (exact up to
+``eval.exact_max_clients`` = 100 clients, a seeded sample of 100 beyond), in-process.
+
+Each N runs in its own process (``--one N``), so each peak RSS is its own. Per N: seconds to
+build the federation (read + partition), seconds per round (mean of the 3; min and max kept),
+evaluation seconds, the process's peak RSS, the process's wall time (interpreter start to
+exit, measured by the parent) and the bytes of the run directory.
+
+    PYTHONPATH=src python benchmarks/population.py [--sizes 10 100 1000 10000] [--repeat 1]
+
+Writes ``benchmarks/results/population.json`` (``{"inprocess": {"<N>": {...}}, "simulation":
+{...}}``; an existing ``simulation`` section is kept) and ``population.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (a worktree one level deeper: two levels up)
+DATA = next((p / "shared" / "data" / "sst2" for p in (ROOT.parent, ROOT.parent.parent)
+             if (p / "shared" / "data" / "sst2").is_dir()), ROOT.parent / "shared" / "data" / "sst2")
+BASE = ROOT / "configs" / "tiny" / "fedit.toml"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def overrides(n: int, cap: int = 6, threads: int = 1) -> list[str]:
+    """The run at N clients; ``cap``: sentences each sampled client trains on (0 = all it holds),
+    ``threads``: torch threads (0 = torch's default)."""
+    return [f"data.max_train_per_client={cap}", f"engine.threads={threads}",
+        'model.source="tiny"', 'data.kind="tsv"', f'data.dir="{DATA}"', 'data.layout="label_skew"',
+        'data.partitioner="iid"', f"data.num_clients={n}", 'data.train_file="train.tsv"',
+        'data.test_file="test.tsv"', 'data.label_names=["negative","positive"]',
+        "train.clients_per_round=10", "train.rounds=3", "eval.max_per_task=4", "engine.progress=false",
+    ]
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def one(n: int, out: Path, cap: int, threads: int) -> dict:
+    """One run in this process (the child)."""
+    from fedblend.config import load_config
+    from fedblend.runner import run_experiment
+
+    cfg = load_config(BASE, overrides(n, cap, threads))
+    t = time.perf_counter()
+    s = run_experiment(cfg, out)
+    run_s = time.perf_counter() - t
+    rounds = s["time"]["per_round_s"]
+    return {
+        "build_s": s["time"]["build_s"],
+        "round_s": statistics.mean(rounds),
+        "round_s_min": min(rounds),
+        "round_s_max": max(rounds),
+        "eval_s": s["time"]["eval_s"],
+        "load_s": s["time"]["load_s"],
+        "finish_s": s["time"]["finish_s"],
+        "run_s": run_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "run_dir_bytes": dir_bytes(out),
+        "clients_evaluated": s["evaluation"]["clients_evaluated"],
+        "eval_mode": s["evaluation"]["mode"],
+        "eval_instances": s["time"]["eval_instances"],
+        "generated_instances": s["time"]["generated_instances"],
+        "train_examples": sum(s["data"]["train_examples"].values()) if "n" not in s["data"]["train_examples"]
+        else s["data"]["train_examples"]["total"],
+        "mean_P": s["mean"]["P"],
+        "mean_TTP": s["mean"]["TTP"],
+    }
+
+
+def measure(n: int, cap: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"pop{n}_") as tmp:
+        out = Path(tmp) / "run"
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--out", str(out),
+                               "--cap", str(cap), "--threads", str(threads)],
+                              check=False, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"N={n}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        rec["wall_s"] = wall
+        shutil.rmtree(out, ignore_errors=True)
+        return rec
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+KEYS = ("build_s", "round_s", "eval_s", "peak_rss_mb", "wall_s", "run_dir_bytes")
+
+
+def combine(reps: list[dict]) -> dict:
+    """One record: the median of each number over the repeats, with min and max kept."""
+    out = dict(reps[-1])
+    for k in KEYS:
+        vals = [r[k] for r in reps]
+        out[k] = statistics.median(vals)
+        if len(vals) > 1:
+            out[f"{k}_range"] = [min(vals), max(vals)]
+    out["repeats"] = len(reps)
+    return out
+
+
+def write(results: dict[str, dict], note: str, cap: int, threads: int) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "population.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    doc = {"inprocess": results, "simulation": old.get("simulation", {}),
+           "setting": {"cpu": cpu_name(), "threads": os.cpu_count(), "base": "configs/tiny/fedit.toml",
+                       "overrides": [o for o in overrides(0, cap, threads) if "num_clients" not in o], "note": note}}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    rows = [("| clients | build s | s / round (min-max) | eval s | peak RSS MB | process wall s | run dir | "
+            "evaluated | generated |"), "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        rows.append(
+            f"| {int(n):,} | {r['build_s']:.2f} | {r['round_s']:.2f} ({r['round_s_min']:.2f}-{r['round_s_max']:.2f}) | "
+            f"{r['eval_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} | {r['run_dir_bytes'] / 1e6:.2f} MB | "
+            f"{r['clients_evaluated']} ({r['eval_mode']}) | {r['generated_instances']:,} |")
+    md = [
+        "# Population scale: clients registered vs cost per round (in-process)",
+        "",
+        ("`PYTHONPATH=src python benchmarks/population.py`: the tiny model (`configs/tiny/fedit.toml`, "
+        "`model.source = \"tiny\"`) on SST-2's training sentences (`../shared/data/sst2/train.tsv`), split IID "
+        "(`data.layout = \"label_skew\"`, `data.partitioner = \"iid\"`), K = 10 clients per round, 3 rounds, "
+        "4 test examples per client, default evaluation (exact up to 100 clients, a seeded sample of 100 "
+        "beyond, TTP on a pooled test set of 256). Each N in its own process."),
+        "",
+        (f"Each sampled client trains on at most {cap or 'all'} of its sentences (`data.max_train_per_client`): "
+         "at N = 10,000 a client holds about 6, at N = 10 about 6,000, so without the cap a round's work "
+         "is the data volume (1,000x between the two), not the population's overhead this measures. "
+         f"Torch threads: {threads or 'default'} (`engine.threads`)."),
+        "",
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores. {note}",
+        "",
+        *rows,
+        "",
+        ("build s: reading the TSV and partitioning it (`time.build_s`); s / round: mean of the 3 rounds "
+        "(`time.per_round_s`); eval s: `time.eval_s`; peak RSS: the run's process at its end; process wall: "
+        "interpreter start to exit (imports, model build, run, report), measured by the parent; run dir: "
+        "bytes of every file in the run directory."),
+        "",
+    ]
+    (RESULTS / "population.md").write_text("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", type=int, help="(internal) run one N in this process and print its JSON")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    ap.add_argument("--cap", type=int, default=6, help="data.max_train_per_client (0 = all the client holds)")
+    ap.add_argument("--threads", type=int, default=1, help="engine.threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.out, args.cap, args.threads)))
+        return
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: SST-2 not found")
+    results: dict[str, dict] = {}
+    for n in args.sizes:
+        reps = [measure(n, args.cap, args.threads) for _ in range(args.repeat)]
+        results[str(n)] = combine(reps)
+        r = results[str(n)]
+        print(f"N={n:>6}: build {r['build_s']:.2f} s, round {r['round_s']:.2f} s, eval {r['eval_s']:.2f} s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, wall {r['wall_s']:.1f} s, run dir {r['run_dir_bytes'] / 1e6:.2f} MB",
+              flush=True)
+    write(results, args.note, args.cap, args.threads)
+
+
+if __name__ == "__main__":
+    main()
