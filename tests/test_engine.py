@@ -82,7 +82,7 @@ def test_local_adapters_never_cross_the_wire(tmp_path: Path):
     uploads = [decode(d) for direction, _, _, d in sent if direction == "up"]
     assert len(uploads) == 2 * 3
     assert all(u.tensors == {} for u in uploads)
-    local_states = [load_state(p) for p in sorted((out / "checkpoint" / "clients").glob("*.safetensors"))]
+    local_states = [load_state(p) for p in sorted((out / "clients").glob("*.safetensors"))]
     local_tensors = [t for st in local_states for t in st["local"].values()]
     for _, _, _, data in sent:
         for role in decode(data).tensors.values():

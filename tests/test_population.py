@@ -123,7 +123,7 @@ def test_only_the_sampled_clients_states_are_loaded_in_a_round(tmp_path: Path, m
         during = sorted(cid for v, cid in in_rounds if v == r["round"] + 1)
         assert during == r["clients"]  # round r reads exactly its 2 sampled clients
     # a client sampled twice reads back what it wrote: the store holds it, not memory
-    store_dir = out / "checkpoint" / "clients"
+    store_dir = out / "clients"
     ever = {c for r in rounds for c in r["clients"]}
     assert {int(p.name.split(".")[0]) for p in store_dir.glob("*.safetensors")} == ever
 

@@ -70,7 +70,7 @@ def prepare_torch(cfg: ExperimentConfig) -> float:
 
 
 def client_store(algorithm: Algorithm, trainer: Any, run: RunDir) -> ClientStore:
-    """The clients' private states, on disk under the run's checkpoint (read for the sampled
+    """The clients' private states, on disk in the run's ``clients/`` (read for the sampled
     clients only). A client never written reads as the algorithm's fresh state, computed when
     first asked for, with the global RNG left as it was."""
 
@@ -78,7 +78,7 @@ def client_store(algorithm: Algorithm, trainer: Any, run: RunDir) -> ClientStore
         with torch.random.fork_rng(devices=[]):
             return algorithm.init_client_state(trainer, cid)
 
-    return ClientStore(run.path / "checkpoint" / "clients", init=init,
+    return ClientStore(run.path / "clients", init=init,
                        keep_committed=bool(algorithm.cfg.engine.checkpoint_every))
 
 

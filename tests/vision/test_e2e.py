@@ -102,7 +102,7 @@ def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
     run_experiment(_smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true"),
                    out, tap=lambda d, r, c, b: sent.append(b) if d == "up" else None)
     assert sent and all(list(decode(b).tensors) == ["global"] for b in sent)
-    state = load_state(out / "checkpoint" / "clients" / "0.safetensors")
+    state = load_state(out / "clients" / "0.safetensors")
     assert set(state) == {"local"}
     g = load_state(out / "checkpoint" / "server.safetensors")["global"]
     assert any(not torch.equal(state["local"][k], g[k]) for k in g)

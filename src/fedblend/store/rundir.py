@@ -5,7 +5,9 @@ Layout::
     DIR/config.toml        resolved config (loadable by ``fedblend run``)
     DIR/status.json        {"status": "running" | "failed" | "interrupted" | "complete", ...}
     DIR/metrics.jsonl      one JSON line per round
-    DIR/checkpoint/        server and client states after the last checkpointed round
+    DIR/checkpoint/        the server state and counters after the last checkpointed round
+    DIR/clients/           each client's private state, versioned (store.clients.ClientStore);
+                           a checkpoint's round names the version a resume reads
     DIR/adapters/          PEFT adapter directories (global once, local per client)
     DIR/eval/              predictions and per-instance weights
     DIR/summary.json       written last, atomically: its presence means the run completed
