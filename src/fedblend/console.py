@@ -93,12 +93,7 @@ def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
             acc.add_column(k, justify="right")
         acc.add_row(*[("n/a" if v is None else f"{v:.4f}") for v in flat.values()])
         console.print(acc)
-    comm, tm = summary.get("comm", {}), summary.get("time", {})
-    console.print(
-        f"sent up {fmt_bytes(comm.get('bytes_up', 0))}, down {fmt_bytes(comm.get('bytes_down', 0))}; "
-        f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
-        + (f"; run dir {out}" if out else "")
-    )
+    _cost_line(summary, out)
 
 
 TABLE_MAX_CLIENTS = 20
@@ -116,10 +111,9 @@ def print_distribution(summary: dict[str, Any], out: Path | None = None) -> None
               "tasks": f"{ev.get('ttp_other_tasks_per_client', 0)} sampled other tasks per client",
               "off": "own task only"}.get(ev.get("ttp", ""), "every task")
            if ev.get("mode") == "sampled" else f"all {n_eval:,} clients, every task")
-    t = Table(title=f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')} - {how}")
-    t.add_column("")
-    for col in ("mean", "95% interval", *(f"q{q}" for q in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1"))):
-        t.add_column(col, justify="right")
+    t = table(f"{summary['algorithm']} - {summary['rounds']} rounds - metric {summary.get('metric')} - {how}",
+              [("", "name"), ("mean", "number"), ("95% interval", "number"),
+               *((f"q{q}", "number") for q in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1"))])
     for key in ("P", "TTP"):
         ci = ev.get(key)
         q = (dist.get(key) or {}).get("quantiles", {})
@@ -132,9 +126,14 @@ def print_distribution(summary: dict[str, Any], out: Path | None = None) -> None
         console.print("per-client P (clients per bin)")
         for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False):
             console.print(f"  {lo:.1f}-{hi:.1f} {'#' * round(30 * c / top):<30} {c}", highlight=False)
+    _cost_line(summary, out)
+
+
+def _cost_line(summary: dict[str, Any], out: Path | None) -> None:
+    """The line under a run's table: bytes sent each way, wall time, peak memory, run dir."""
     comm, tm = summary.get("comm", {}), summary.get("time", {})
     console.print(
-        f"sent up {_fmt_bytes(comm.get('bytes_up', 0))}, down {_fmt_bytes(comm.get('bytes_down', 0))}; "
+        f"sent up {fmt_bytes(comm.get('bytes_up', 0))}, down {fmt_bytes(comm.get('bytes_down', 0))}; "
         f"wall {tm.get('wall_s', 0):.1f} s; peak RSS {summary.get('memory', {}).get('peak_rss_mb', 0):.0f} MB"
         + (f"; run dir {out}" if out else "")
     )
