@@ -91,6 +91,8 @@ def run_experiment(
     with third_party_to(Path(out) / "run.log"):
         run = RunDir(out)
         start_round = run.start(cfg.to_dict(), resume)
+        if run.note:  # --resume with nothing to resume: the run starts over
+            print(run.note, file=sys.stderr, flush=True)
         try:
             return _run(cfg, run, start_round, tap, make_dispatch)
         except BaseException as e:
