@@ -42,6 +42,7 @@ def _install_hooks(target: list | None, events_path: Path | None) -> None:
     from fedblend.text.trainer import TextTrainer
 
     st: dict[str, Any] = {"phase": "setup", "round": -1}
+    t0 = time.perf_counter()
     seen: dict[tuple, int] = {}
     log: list[list] = []
     tgt = tuple(target) if target else None
@@ -52,7 +53,7 @@ def _install_hooks(target: list | None, events_path: Path | None) -> None:
         seen[base] = j + 1
         key = (*base, j)
         if events_path is not None:
-            log.append(list(key))
+            log.append([*key, time.perf_counter() - t0])
         if key == tgt:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -213,14 +214,17 @@ def main() -> None:
     ref = attempt(work, 0, ref_out, resume=False, events_path=events_path)
     if ref["exit"] != 0:
         raise SystemExit(f"reference run failed:\n{ref['log']}")
-    events = [tuple(e) for e in json.loads(events_path.read_text())]
+    logged = json.loads(events_path.read_text())
+    events = [tuple(e[:4]) for e in logged]
+    # timed kills land in the start-up: before the reference run's first training step
+    setup_s = next(e[4] for e in logged if e[1] == "train")
     rng = random.Random(args.seed)
     results, i, used = [], 0, set()
     for phase in plan(rng, args.kills):
         i += 1
         r0 = checkpointed(out)
         if phase == "timed":
-            res = attempt(work, i, out, resume=i > 1, delay=rng.uniform(0.02, 0.5))
+            res = attempt(work, i, out, resume=i > 1, delay=rng.uniform(0.05, 0.8) * setup_s)
         else:
             cands = [e for e in events if e[1] == phase]
             if phase in ("train", "checkpoint"):  # a run never goes back before its checkpoint
@@ -239,7 +243,7 @@ def main() -> None:
     final.update(phase="final", resumed_from=checkpointed(out))
     results.append(final)
     print(json.dumps({
-        "import_s": t_import, "reference_s": ref["seconds"], "total_s": time.perf_counter() - t_start,
+        "import_s": t_import, "reference_s": ref["seconds"], "setup_s": setup_s, "total_s": time.perf_counter() - t_start,
         "reference": str(ref_out), "killed": str(out), "attempts": results,
     }))
 
