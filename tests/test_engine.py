@@ -14,6 +14,7 @@ from fedblend.engines import inprocess
 from fedblend.errors import FedblendError
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
+from fedblend.store.rundir import RunDir
 
 SUMMARY_KEYS = {"algorithm", "rounds", "seed", "clients", "mean", "metric", "comm", "time", "memory"}
 
@@ -68,11 +69,11 @@ def test_same_seed_same_numbers(tmp_path: Path):
     assert a["comm"] == b["comm"]
     for line in (out_a / "metrics.jsonl").read_text().splitlines():
         assert all(m["train_s"] > 0 for m in json.loads(line)["client_metrics"].values())
-    ga = load_state(out_a / "checkpoint" / "server.safetensors")["global"]
-    gb = load_state(out_b / "checkpoint" / "server.safetensors")["global"]
+    ga = load_state(RunDir(out_a).checkpoint_dir() / "server.safetensors")["global"]
+    gb = load_state(RunDir(out_b).checkpoint_dir() / "server.safetensors")["global"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
     _, out_c = _run(tmp_path, "c", seed=11)
-    gc = load_state(out_c / "checkpoint" / "server.safetensors")["global"]
+    gc = load_state(RunDir(out_c).checkpoint_dir() / "server.safetensors")["global"]
     assert any(not torch.equal(ga[k], gc[k]) for k in ga)
 
 
@@ -132,8 +133,8 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path: Path, monkeypatch)
     assert resumed["resumed_at_round"] == 2
     assert resumed["clients"] == full["clients"]
     assert resumed["comm"]["bytes_up"] == full["comm"]["bytes_up"]
-    g1 = load_state(out_full / "checkpoint" / "server.safetensors")["global"]
-    g2 = load_state(tmp_path / "crash" / "checkpoint" / "server.safetensors")["global"]
+    g1 = load_state(RunDir(out_full).checkpoint_dir() / "server.safetensors")["global"]
+    g2 = load_state(RunDir(tmp_path / "crash").checkpoint_dir() / "server.safetensors")["global"]
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert [r["round"] for r in map(json.loads, (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
 

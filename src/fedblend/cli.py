@@ -75,10 +75,12 @@ def run(
     """Run one experiment and write its run directory (with --seeds N: DIR/seed_<s>/ each)."""
     from fedblend.config import load_config
     from fedblend.runner import run_experiment
+    from fedblend.store.rundir import create_dir
 
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
+        create_dir(out_dir)  # one line naming it (exit 2) when it cannot be made
         argv = ["run", str(config), "--out", str(out_dir), *_sets(set_)]
         if seeds:
             from fedblend.compare import run_compare, seed_list

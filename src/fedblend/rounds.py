@@ -184,12 +184,12 @@ def resume_checkpoint(run: RunDir, transport: Transport, client_ids: Sequence[in
 
 
 def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
-    """Write summary.json (which marks the run complete) and report.html."""
+    """Write report.html, then summary.json (which marks the run complete)."""
     from fedblend.reports.html import write_report
 
     summary.setdefault("system", system_block(run.config()))
+    write_report(run.path, summary)
     run.write_summary(summary)
-    write_report(run.path)
 
 
 def system_block(config: dict[str, Any]) -> dict[str, Any]:

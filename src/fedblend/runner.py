@@ -82,6 +82,21 @@ def client_store(algorithm: Algorithm, trainer: Any, run: RunDir) -> ClientStore
                        keep_committed=bool(algorithm.cfg.engine.checkpoint_every))
 
 
+def _adopt_unversioned_client_states(run: RunDir, store: ClientStore, rounds_completed: int) -> None:
+    """A checkpoint written by an earlier fedblend kept every client's state in
+    ``checkpoint/clients/<cid>.safetensors``: move them into the store as the checkpoint's
+    version before the first new checkpoint replaces that layout."""
+    legacy = run.path / "checkpoint" / "clients"
+    if not legacy.is_dir():
+        return
+    version = store.version
+    store.version = rounds_completed
+    for p in sorted(legacy.glob("*.safetensors")):
+        if int(p.stem) not in store:
+            store[int(p.stem)] = load_state(p)
+    store.version = version
+
+
 def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start_round: int, tap: Tap | None):
     """Fresh server state and the client state store, or the last checkpoint's when resuming,
     with a transport whose byte counters continue from the checkpoint."""
@@ -90,6 +105,7 @@ def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start
     if start_round > 0:
         server_state, _, counters = resume_checkpoint(run, transport, [])
         store.limit = store.committed = start_round  # versions a crashed round wrote are not read
+        _adopt_unversioned_client_states(run, store, start_round)
     else:
         counters = {"train_s": 0.0}
         server_state = algorithm.init_server_state(trainer)
@@ -111,6 +127,8 @@ def run_experiment(
     with third_party_to(Path(out) / "run.log"):
         run = RunDir(out)
         start_round = run.start(cfg.to_dict(), resume)
+        if run.note:  # --resume with nothing to resume: the run starts over
+            print(run.note, file=sys.stderr, flush=True)
         try:
             return _run(cfg, run, start_round, tap, make_dispatch)
         except BaseException as e:

@@ -48,3 +48,28 @@ def test_snapshots_roll_back_to_the_resume_round_and_are_pruned(tmp_path: Path) 
     assert node.snapshots()[3].is_file() and sorted(node.snapshots()) == [2, 3]
     state, source, k = node.load_state(ctx, None, upto=3)
     assert (source, k) == ("disk", 3) and state["local"]["w"][0, 0] == 3.0
+
+
+def test_only_the_snapshots_a_resume_can_need_stay_on_disk(tmp_path: Path) -> None:
+    # the server checkpoints every 4 rounds: a resume restarts at 0, 4 or 8, never in between
+    cfg = load_config(TINY, TINY_OVERRIDES)
+    fields = {wire.CONFIG: json.dumps(cfg.to_dict()), wire.RUN_KEY: "7"}
+    ctx = _context(tmp_path)
+    node = open_node(fields, ctx)
+    for rnd in range(7):
+        node.save_state(ctx, _state(rnd + 1.0), rnd + 1, keep_from=rnd // 4 * 4)
+        assert len(node.snapshots()) <= 2
+    assert sorted(node.snapshots()) == [4, 7]  # the checkpoint's round and the newest
+
+    # a ServerApp resumed at its checkpoint (4) re-sends round 4; the node trains it again and
+    # the snapshot from the abandoned timeline (7) goes: a node restarted later must not
+    # mistake it for its state after 7 rounds of the new one
+    fresh = _context(tmp_path)
+    node = open_node(fields, fresh)
+    state, source, k = node.load_state(fresh, None, upto=4)
+    assert (source, k) == ("disk", 4)
+    node.save_state(fresh, _state(50.0), 5, keep_from=4)
+    assert sorted(node.snapshots()) == [4, 5]
+    restarted = _context(tmp_path)
+    state, source, k = open_node(fields, restarted).load_state(restarted, None, upto=7)
+    assert (source, k) == ("disk", 5) and state["local"]["w"][0, 0] == 50.0

@@ -96,6 +96,7 @@ def test_efficientnet_on_real_cifar10(tmp_path):
 def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
     from fedblend.comm.codec import decode
     from fedblend.store.files import load_state
+    from fedblend.store.rundir import RunDir
 
     sent: list[bytes] = []
     out = tmp_path / "p"
@@ -104,7 +105,7 @@ def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
     assert sent and all(list(decode(b).tensors) == ["global"] for b in sent)
     state = load_state(out / "clients" / "0.safetensors")
     assert set(state) == {"local"}
-    g = load_state(out / "checkpoint" / "server.safetensors")["global"]
+    g = load_state(RunDir(out).checkpoint_dir() / "server.safetensors")["global"]
     assert any(not torch.equal(state["local"][k], g[k]) for k in g)
 
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 
 from fedblend.console import fmt_bytes
 from fedblend.errors import FedblendError
+from fedblend.store.files import atomic_write
 from fedblend.store.rundir import RunDir
 
 
@@ -231,12 +232,14 @@ def _accuracy_rounds_plot(s: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def write_report(path: str | Path) -> Path:
-    """Render ``DIR/report.html`` from a completed run directory."""
+def write_report(path: str | Path, summary: dict[str, Any] | None = None) -> Path:
+    """Render ``DIR/report.html`` from a completed run directory, or from ``summary`` before
+    it is written (a run writes its report first and summary.json last, which marks it
+    complete: a run killed between the two is resumed, not left complete without a report)."""
     run = RunDir(path)
-    if not run.complete:
+    if summary is None and not run.complete:
         raise FedblendError(f"{run.path}: no summary.json (the run did not complete)")
-    s = run.summary()
+    s = json.loads(json.dumps(summary)) if summary is not None else run.summary()  # as read back
     rounds = run.rounds()
     parts = [(f"<p>algorithm <code>{html.escape(s['algorithm'])}</code>, {s['rounds']} rounds, "
               f"seed {s['seed']}, metric <code>{html.escape(s.get('metric', ''))}</code></p>")]
@@ -276,5 +279,5 @@ def write_report(path: str | Path) -> Path:
             figs.append(_img(title, b64))
     parts.append("<h2>Plots</h2>" + "".join(figs))
     out = run.path / "report.html"
-    out.write_text(_page(f"fedblend run: {s.get('name', run.path.name)}", parts))
+    atomic_write(out, _page(f"fedblend run: {s.get('name', run.path.name)}", parts))
     return out

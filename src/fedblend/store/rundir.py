@@ -5,9 +5,13 @@ Layout::
     DIR/config.toml        resolved config (loadable by ``fedblend run``)
     DIR/status.json        {"status": "running" | "failed" | "interrupted" | "complete", ...}
     DIR/metrics.jsonl      one JSON line per round
-    DIR/checkpoint/        the server state and counters after the last checkpointed round
+    DIR/checkpoint/        state.json: the last checkpointed round, its counters and the version
+                           directory holding its server state (v<round>/server.safetensors); a
+                           versioned set whose pointer (state.json) moves last, so a SIGKILL
+                           cannot tear it
     DIR/clients/           each client's private state, versioned (store.clients.ClientStore);
-                           a checkpoint's round names the version a resume reads
+                           a resume reads each client's newest version at or before the
+                           checkpoint's round
     DIR/adapters/          PEFT adapter directories (global once, local per client)
     DIR/eval/              predictions and per-instance weights
     DIR/summary.json       written last, atomically: its presence means the run completed
@@ -16,8 +20,10 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +31,21 @@ import tomli_w
 
 from fedblend.comm.codec import State
 from fedblend.errors import FedblendError
-from fedblend.store.files import atomic_write, deferred_signals, load_state, save_state
+from fedblend.store.files import (
+    atomic_write,
+    commit_version,
+    deferred_signals,
+    load_state,
+    read_version,
+    remove_temps,
+    save_state,
+)
 
 
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.note: str | None = None  # set by start(): a resume that had to start over
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -38,39 +53,53 @@ class RunDir:
         return (self.path / "summary.json").is_file()
 
     def start(self, config: dict[str, Any], resume: bool) -> int:
-        """Prepare the directory; returns the first round to run (0, or after a checkpoint)."""
+        """Prepare the directory; returns the first round to run (0, or after a checkpoint).
+        ``resume`` of a run stopped before its first checkpoint (or never started) starts it
+        from round 0 and leaves a one-line ``note`` saying so."""
+        self.note: str | None = None
         if self.complete and not resume:
             raise FedblendError(f"{self.path}: holds a completed run; choose another --out")
         ckpt = self.path / "checkpoint" / "state.json"
         if resume:
             if self.complete:
                 raise FedblendError(f"{self.path}: run already complete; nothing to resume")
-            if not ckpt.is_file():
-                raise FedblendError(f"{self.path}: no checkpoint to resume from")
-            saved = json.loads((self.path / "config.json").read_text())
-            if _comparable(saved) != _comparable(config):
-                raise FedblendError(
-                    f"{self.path}: the config differs from the one this run started with"
-                )
-            done = json.loads(ckpt.read_text())["rounds_completed"]
-            self._truncate_metrics(done)
-            self.set_status("running", resumed_at_round=done)
-            return done
-        if self.path.exists() and any(self.path.iterdir()):
+            if ckpt.is_file():
+                saved = json.loads((self.path / "config.json").read_text())
+                if _comparable(saved) != _comparable(config):
+                    raise FedblendError(
+                        f"{self.path}: the config differs from the one this run started with"
+                    )
+                done = json.loads(ckpt.read_text())["rounds_completed"]
+                remove_temps(self.path)  # left by writes a kill cut short
+                self._truncate_metrics(done)
+                self.set_status("running", resumed_at_round=done)
+                return done
+            if self._is_run() or not self._has_files():
+                self.note = f"{self.path}: no checkpoint yet (stopped before its first); starting from round 0"
+        if self._has_files():
             if ckpt.is_file():
                 raise FedblendError(
                     f"{self.path}: holds an unfinished run; pass --resume or choose another --out"
                 )
-            if (self.path / "status.json").is_file():
-                shutil.rmtree(self.path)  # a failed run without checkpoint: start over
+            if self._is_run():
+                shutil.rmtree(self.path)  # a failed or killed run without checkpoint: start over
             else:
                 raise FedblendError(f"{self.path}: directory is not empty and is not a fedblend run")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create()
+        self.set_status("running")  # first: a run killed at any later instant is recognised as one
         atomic_write(self.path / "config.json", json.dumps(config, indent=2))
         atomic_write(self.path / "config.toml", tomli_w.dumps(_toml_safe(config)))
         (self.path / "metrics.jsonl").write_text("")
-        self.set_status("running")
         return 0
+
+    def _has_files(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def _is_run(self) -> bool:
+        return (self.path / "status.json").is_file() or (self.path / "config.json").is_file()
+
+    def create(self) -> None:
+        create_dir(self.path)
 
     def set_status(self, status: str, **extra: Any) -> None:
         atomic_write(self.path / "status.json", json.dumps({"status": status, **extra}, indent=2))
@@ -94,7 +123,17 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         if not p.is_file():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        lines = [line for line in p.read_text().splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+                # a last line cut short (power loss while appending): that round is not in
+                # the checkpoint either, and a resume runs it again
+        return out
 
     def _truncate_metrics(self, rounds_completed: int) -> None:
         kept = [r for r in self.rounds() if r.get("round", 0) < rounds_completed]
@@ -117,25 +156,62 @@ class RunDir:
     def save_checkpoint(
         self, rounds_completed: int, server: State, clients: dict[int, State], counters: dict[str, Any]
     ) -> None:
+        """Write the round's server and client states as a new version, then move the pointer
+        (``checkpoint/state.json``) to it, then delete the older version (commit_version): a
+        SIGKILL or power loss at any instant leaves the old checkpoint or the new one whole."""
         ck = self.path / "checkpoint"
-        with deferred_signals():  # a SIGTERM / Ctrl-C takes effect once all files of the round are written
-            save_state(ck / "server.safetensors", server)
+
+        def write(d: Path) -> None:
+            save_state(d / "server.safetensors", server)
             for cid, st in clients.items():
-                save_state(ck / "clients" / f"{cid}.safetensors", st)
-            atomic_write(
-                ck / "state.json",
-                json.dumps({"rounds_completed": rounds_completed, "counters": counters}),
-            )
+                save_state(d / "clients" / f"{cid}.safetensors", st)
+
+        with deferred_signals():  # a SIGTERM / Ctrl-C takes effect once the set is committed
+            commit_version(ck, rounds_completed, write,
+                           {"rounds_completed": rounds_completed, "counters": counters})
+            for legacy in (ck / "server.safetensors", ck / "clients"):  # unversioned layout
+                if legacy.is_dir():
+                    shutil.rmtree(legacy)
+                elif legacy.exists():
+                    legacy.unlink()
+
+    def checkpoint_dir(self) -> Path | None:
+        """The directory of the checkpoint ``state.json`` names (None without a checkpoint)."""
+        found = read_version(self.path / "checkpoint")
+        return found[0] if found else None
 
     def load_checkpoint(self, client_ids) -> tuple[State, dict[int, State], dict[str, Any]]:
-        ck = self.path / "checkpoint"
-        server = load_state(ck / "server.safetensors")
+        """The states and counters of the checkpoint ``state.json`` names, and nothing else."""
+        found = read_version(self.path / "checkpoint")
+        if found is None:
+            raise FedblendError(f"{self.path}: no checkpoint (checkpoint/state.json)")
+        d, pointer = found
+        server = load_state(d / "server.safetensors")
         clients = {}
         for cid in client_ids:
-            p = ck / "clients" / f"{cid}.safetensors"
+            p = d / "clients" / f"{cid}.safetensors"
             clients[cid] = load_state(p) if p.is_file() else {}
-        counters = json.loads((ck / "state.json").read_text())["counters"]
-        return server, clients, counters
+        return server, clients, pointer["counters"]
+
+
+def create_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as a writable directory, or raise a one-line error
+    naming it (under a file, read-only, ...); on failure the directories this call made are
+    removed again."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise FedblendError(f"--out {path}: cannot create a run directory there ({e.strerror or e})") from None
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -104,11 +104,14 @@ class Node:
         return prep
 
     # ---- private state ----------------------------------------------------------------------
-    # Besides the latest state (``client_<cid>.safetensors``) the node keeps one snapshot per
-    # trained round, ``snapshots/client_<cid>.r<k>.safetensors`` = the state after k rounds,
-    # back to the server's last checkpoint: a resumed ServerApp re-sends round r, and the node
-    # must train it from its state after r rounds even if it had already trained round r
-    # (the server died before aggregating it).
+    # Besides the latest state (``client_<cid>.safetensors``) the node keeps per-round snapshots,
+    # ``snapshots/client_<cid>.r<k>.safetensors`` = the state after k rounds, but only the two a
+    # run can still need: the newest one at or before the server's last checkpoint (a resumed
+    # ServerApp re-sends round r, and the node must train it from its state after r rounds even
+    # if it had already trained round r: the server died before aggregating it), and the one
+    # just written (what the next round, or the server's next checkpoint, starts from). So the
+    # node's disk stays at two snapshots however long the run and however far apart the
+    # server's checkpoints.
     def snapshot_path(self, rounds_completed: int) -> Path:
         return self.run_dir / "snapshots" / f"client_{self.cid}.r{rounds_completed}.safetensors"
 
@@ -134,9 +137,12 @@ class Node:
 
     def save_state(self, context: Context, state: State, rounds_completed: int,
                    keep_from: int | None = None) -> None:
-        """Save after training (``keep_from``: the server's last checkpoint; older snapshots
-        that no resume can need are deleted) or, with ``keep_from=None``, the finished state
-        after ``finish_client`` (not a snapshot: a resumed evaluation starts from the trained one)."""
+        """Save after training (``keep_from``: the server's last checkpoint) and delete every
+        snapshot no resume can need: those older than the newest at or before ``keep_from``,
+        those between it and this one, and those after this one (left by a timeline a
+        resumed ServerApp abandoned: training them again must not find the old ones). With
+        ``keep_from=None``: the finished state after ``finish_client`` (not a snapshot: a
+        resumed evaluation starts from the trained one)."""
         finished = keep_from is None
         if _keep_in_context():
             context.state[STATE_RECORD] = ConfigRecord({
@@ -151,9 +157,9 @@ class Node:
             return
         save_state(self.snapshot_path(rounds_completed), state, meta=meta)
         snaps = self.snapshots()
-        floor = max((k for k in snaps if k <= keep_from), default=0)
+        floor = max((k for k in snaps if k <= keep_from), default=None)
         for k, p in snaps.items():
-            if k < floor:
+            if k not in (floor, rounds_completed):
                 p.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -75,6 +75,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(settings.config, settings.overrides)
     run = RunDir(settings.out or Path("runs") / cfg.name)
     start_round = run.start(cfg.to_dict(), resume=settings.resume)
+    if run.note:  # resume with nothing to resume: the run starts over (in the ServerApp's log)
+        print(run.note, flush=True)
     try:
         serve(grid, cfg, run, settings, context.run_id, start_round)
     except BaseException as e:
