@@ -255,9 +255,12 @@ def test_a_sigterm_after_the_summary_leaves_the_run_complete(tmp_path: Path, mon
 
 _HANG = textwrap.dedent("""
     import hashlib
+    import threading
     from fedblend.signals import sigterm_interrupts
     with sigterm_interrupts():
-        print("ready", flush=True)
+        # "ready" comes from another thread a second after the main thread entered the call, so
+        # the signal lands inside it (printed before the call, it could land before it)
+        threading.Timer(1.0, lambda: print("ready", flush=True)).start()
         # minutes in native code that releases the interpreter and never checks for signals
         # (as a long torch call): Python's handler cannot run until it returns
         hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10**9)
