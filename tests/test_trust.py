@@ -101,13 +101,22 @@ def test_dropped_clients_are_left_out_and_logged(tmp_path):
 
 def test_round_below_min_clients_is_skipped_and_state_unchanged(tmp_path):
     cfg = _cfg(faults={"drop_prob": 0.6}, train={"rounds": 4, "min_clients": 3})
-    res, rounds, _ = _loop(tmp_path, cfg, _data())
+    sent: dict[int, torch.Tensor] = {}  # round -> the server state sent out at its start
+
+    def tap(direction, rnd, cid, data):
+        if direction == "down":
+            sent.setdefault(int(rnd), decode(data).tensors["global"]["w"])
+
+    res, rounds, _ = _loop(tmp_path, cfg, _data(), tap=tap)
     skipped = [r for r in rounds if "skipped" in r]
-    assert skipped, [r["answered"] for r in rounds]
+    assert skipped and len(skipped) < len(rounds), [r["answered"] for r in rounds]  # both kinds
     for r in skipped:
         assert len(r["answered"]) < 3 and "train.min_clients = 3" in r["skipped"]
-    if all("skipped" in r for r in rounds):
-        assert torch.equal(res.server_state["global"]["w"], torch.zeros(D))
+    for i, r in enumerate(rounds):
+        before = sent[i]
+        after = sent[i + 1] if i + 1 < len(rounds) else res.server_state["global"]["w"]
+        # a skipped round leaves the state exactly as it was; an aggregated one moves it
+        assert torch.equal(before, after) == ("skipped" in r), (i, r["answered"])
 
 
 def test_nan_and_over_norm_updates_are_rejected_and_the_run_goes_on(tmp_path):
@@ -289,7 +298,9 @@ def test_compressed_loop_keeps_residual_private_and_counts_fewer_bytes(tmp_path)
     assert set(res.client_states[0]) == {cz.RESIDUAL}  # kept (and checkpointed) on the client
     ck = json.loads((tmp_path / "int8" / "checkpoint" / "state.json").read_text())
     assert ck["rounds_completed"] == 3
-    torch.testing.assert_close(res.server_state["global"]["w"], plain.server_state["global"]["w"], atol=0.05, rtol=0)
+    # int8 with error feedback ends within 7.8e-4 of the uncompressed run (measured; the
+    # weights reach 0.41): 4x that, not the 0.05 (64x) this allowed before
+    torch.testing.assert_close(res.server_state["global"]["w"], plain.server_state["global"]["w"], atol=3e-3, rtol=0)
 
 
 def test_malformed_compressed_update_is_rejected():
