@@ -335,3 +335,22 @@ def test_server_momentum_steps_text_algorithms_after_any_rule():
     plain = make_algorithm(config_from_dict({"algorithm": "fedit"}))
     s = plain.aggregate(0, updates((1.0, 1), (3.0, 3)), start)
     assert torch.allclose(s["global"]["w"], torch.tensor([2.5])) and list(s) == ["global"]
+
+
+def test_without_trust_features_the_algorithm_runs_unwrapped():
+    # docs/trust.md: with no trust feature on, the algorithm runs unwrapped, bit for bit
+    cfg = _cfg()
+    alg = LeastSquares(cfg)
+    assert wrap_algorithm(alg, cfg) is alg
+    assert isinstance(wrap_algorithm(LeastSquares(cfg), _cfg(aggregate={"rule": "median"})), TrustWrapper)
+
+
+def test_gaussian_attack_replaces_the_delta_of_listed_clients_only():
+    cfg = _cfg(attack={"kind": "gaussian", "clients": [0], "scale": 3.0})
+    delta, update, _ = _client_update(cfg)
+    sent = update.tensors["global"]["w"] - 0.5
+    assert not torch.allclose(sent, delta) and float(sent.abs().max()) > 0
+    _, again, _ = _client_update(cfg)
+    torch.testing.assert_close(again.tensors["global"]["w"], update.tensors["global"]["w"])  # seeded
+    delta, update, _ = _client_update(cfg, cid=2)
+    torch.testing.assert_close(update.tensors["global"]["w"] - 0.5, delta)
