@@ -354,3 +354,16 @@ def test_gaussian_attack_replaces_the_delta_of_listed_clients_only():
     torch.testing.assert_close(again.tensors["global"]["w"], update.tensors["global"]["w"])  # seeded
     delta, update, _ = _client_update(cfg, cid=2)
     torch.testing.assert_close(update.tensors["global"]["w"] - 0.5, delta)
+
+
+def test_server_clip_norm_clips_each_delta_before_the_mean():
+    # aggregate.clip_norm: deltas (3, 4) (norm 5, weight 1) and (0.3, 0.4) (norm 0.5, weight 3)
+    # -> clipped to norm 1: (0.6, 0.8) and unchanged; FedAvg: (0.6 + 3 * 0.3, 0.8 + 3 * 0.4) / 4
+    cfg = _cfg(aggregate={"clip_norm": 1.0})
+    alg = TrustWrapper(LeastSquares(cfg), cfg)
+    server = {"global": {"w": torch.tensor([1.0, 1.0])}}
+    updates = {0: Message({"global": {"w": torch.tensor([4.0, 5.0])}}, 1),
+               1: Message({"global": {"w": torch.tensor([1.3, 1.4])}}, 3)}
+    out = alg.aggregate(0, updates, server)["global"]["w"]
+    torch.testing.assert_close(out, torch.tensor([1.0 + 1.5 / 4, 1.0 + 2.0 / 4]))
+    assert alg.last_aggregation == {"rule": "fedavg", "clipped": [0]}
