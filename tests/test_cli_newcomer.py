@@ -136,3 +136,15 @@ def test_sigterm_during_compare_says_how_to_continue(tmp_path: Path, monkeypatch
     assert resumed.exit_code == 0, resumed.output
     assert "reused 1 finished run(s)" in " ".join(resumed.output.split())
     assert json.loads((seed_dirs[1] / "summary.json").read_text())["resumed_at_round"] == 1
+
+
+def test_malformed_data_through_the_cli_exits_2_naming_the_file(tmp_path: Path, flan_like: Path):
+    # a training file that is not JSON: one line naming it, exit code 2, no summary written
+    bad = flan_like / "local_training_1.json"
+    bad.write_text('[{"instruction": "alpha question 0", "output": ')
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", TINY, "--out", str(out), "--set", "data.kind='instructions'",
+                                   "--set", f"data.dir='{flan_like}'", "--set", "engine.progress=false"])
+    assert res.exit_code == 2, res.output
+    assert "local_training_1.json" in res.output and "Traceback" not in res.output
+    assert not (out / "summary.json").exists()
