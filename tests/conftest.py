@@ -37,6 +37,64 @@ def tiny_raw(**sections) -> dict:
     return raw
 
 
+def fitted_raw(model_dir: Path, **sections) -> dict:
+    """:func:`tiny_raw` on the tiny model fitted to the synthetic tasks (``fitted_model``),
+    whose answers are not empty: for every test that compares text scores."""
+    from fitted import fitted_sections
+
+    raw = tiny_raw(**fitted_sections(model_dir))
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def informative(summary: dict) -> dict:
+    """``summary`` unchanged, after checking its text scores are not all zero: a comparison of
+    scores that are all 0.0 (the tiny random model's empty answers) would check nothing."""
+    clients = summary["clients"].values()
+    assert any(c["P"] > 0 for c in clients), {k: c["P"] for k, c in summary["clients"].items()}
+    assert any(c["TTP"] > 0 for c in clients), {k: c["TTP"] for k, c in summary["clients"].items()}
+    return summary
+
+
+def fit_root() -> Path:
+    """Where the fitted test model is cached: $FEDBLEND_TEST_CACHE, else .pytest_cache/."""
+    return Path(os.environ.get("FEDBLEND_TEST_CACHE") or ROOT / ".pytest_cache" / "fedblend")
+
+
+@pytest.fixture(scope="session")
+def fitted_model() -> Path:
+    """The tiny model fitted to the synthetic tasks (tests/fitted.py), built once per cache
+    key. Asserted here: on the test instances the tiny configs evaluate, its answers are not
+    empty and overlap the references."""
+    import torch
+    from fitted import fitted_model_dir
+
+    from fedblend.config import ModelConfig
+    from fedblend.text import synthetic
+    from fedblend.text.backbone import format_prompt, load_text_backbone
+    from fedblend.text.metrics import score
+
+    path = fitted_model_dir(fit_root())
+    model, tok = load_text_backbone(ModelConfig(source="path", path=str(path), device="cpu"))
+    rouge, empty = {}, 0
+    for task in list(synthetic.TASKS)[:3]:
+        examples = synthetic.generate(task, 4, 7 + 1_000_003)  # configs/tiny: seed 7
+        preds = []
+        for e in examples:
+            ids = torch.tensor([tok(format_prompt(e.instruction), add_special_tokens=False)["input_ids"]])
+            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            preds.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        empty += sum(p == "" for p in preds)
+        rouge[task] = score(preds, [e.output for e in examples])["rougeL"]
+    assert empty == 0 and any(r > 0 for r in rouge.values()), (empty, rouge)
+    return path
+
+
 @pytest.fixture
 def flan_like(tmp_path: Path) -> Path:
     """A small flan8-shaped data dir: 3 client files and a routed test file."""

@@ -97,9 +97,14 @@ def test_probe_bursts_are_left_out_of_the_round_and_the_evaluation_time(tmp_path
     s = train_session(cfg, tmp_path / "run", probe)
     n_clients = len(s.fed.clients)
     assert probe.summary()["train"]["n"] == n_clients * cfg.train.rounds  # one before each update
+    removed = 0.0
     for raw, kept in zip(s.rounds, s.train["rounds"], strict=True):
         assert raw["seconds"] - kept["seconds"] >= 0.2 * n_clients - 1e-6
-        assert kept["overhead_s"] < 0.2  # the bursts are not engine overhead
+        removed += raw["seconds"] - kept["seconds"]
+        # the bursts are not engine overhead: overhead is what is left of the kept time
+        assert kept["overhead_s"] == pytest.approx(kept["seconds"] - kept["clients_s"])
+    # the bursts' time (the engine times the call around each burst: a few microseconds more)
+    assert removed == pytest.approx(probe.spent["train"], abs=1e-3)
     probe.start("eval")
     plain = evaluate_timed(s, ttp=False)
     t = time.perf_counter()
@@ -212,7 +217,14 @@ def test_bench_tiny_writes_every_key_without_third_party_output(tmp_path):
     assert "measured during the phase" in r.output
     ev = d["detail"]["evaluation"]["TTP"]
     assert ev["generated_tokens"] > 0 and ev["prompt_tokens"] > ev["generated_tokens"]
-    assert {k for k in d["detail"]["errors"] if not k.startswith("memory_")} <= {"ttp_batched_speedup"}
+    # every measurement was taken: no error recorded (an error used to pass if it was in a
+    # memory or speed-up measurement); without bitsandbytes only the quantized memory rows fail
+    import importlib.util
+
+    allowed = set() if importlib.util.find_spec("bitsandbytes") else {"memory_int8", "memory_nf4"}
+    assert set(d["detail"]["errors"]) <= allowed, d["detail"]["errors"]
+    assert d["ttp_batched_speedup"] > 0
+    assert all(d["backbone_bytes"][q] > 0 for q in {"none", "int8", "nf4"} - {k[7:] for k in allowed})
     for noise in ("Warning", "{'loss'", "it/s", "Map:"):
         assert noise not in r.output
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import tomli_w
 from conftest import ROOT, tiny_raw
 from typer.testing import CliRunner
@@ -64,14 +65,12 @@ def test_unknown_set_key_is_named_as_an_override(tmp_path: Path):
     res = CliRunner().invoke(app, ["run", TINY, "--set", "train.bogus=3", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2
     assert "--set train.bogus=3: unknown key" in res.output and "fedit.toml" not in res.output
-    try:
+    with pytest.raises(ConfigError) as e:
         config_from_dict(tiny_raw(), ["bogus.x=1"], source="file.toml")
-    except ConfigError as e:
-        assert str(e) == "--set bogus.x=1: unknown key"
-    try:
+    assert str(e.value) == "--set bogus.x=1: unknown key"
+    with pytest.raises(ConfigError) as e:  # a bad key in the file is still reported against the file
         config_from_dict({"train": {"bogus": 1}}, ["train.rounds=2"], source="file.toml")
-    except ConfigError as e:  # a bad key in the file is still reported against the file
-        assert str(e) == "file.toml: train.bogus: unknown key"
+    assert str(e.value) == "file.toml: train.bogus: unknown key"
 
 
 def test_help_has_no_restructuredtext():
@@ -137,3 +136,15 @@ def test_sigterm_during_compare_says_how_to_continue(tmp_path: Path, monkeypatch
     assert resumed.exit_code == 0, resumed.output
     assert "reused 1 finished run(s)" in " ".join(resumed.output.split())
     assert json.loads((seed_dirs[1] / "summary.json").read_text())["resumed_at_round"] == 1
+
+
+def test_malformed_data_through_the_cli_exits_2_naming_the_file(tmp_path: Path, flan_like: Path):
+    # a training file that is not JSON: one line naming it, exit code 2, no summary written
+    bad = flan_like / "local_training_1.json"
+    bad.write_text('[{"instruction": "alpha question 0", "output": ')
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", TINY, "--out", str(out), "--set", "data.kind='instructions'",
+                                   "--set", f"data.dir='{flan_like}'", "--set", "engine.progress=false"])
+    assert res.exit_code == 2, res.output
+    assert "local_training_1.json" in res.output and "Traceback" not in res.output
+    assert not (out / "summary.json").exists()

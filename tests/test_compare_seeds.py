@@ -9,17 +9,18 @@ import logging
 import warnings
 
 import pytest
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, fitted_raw, informative
 from typer.testing import CliRunner
 
 from fedblend.cli import app
 from fedblend.config import config_from_dict
 
 
-def test_compare_with_seeds_writes_intervals_per_method_and_pair(tmp_path):
+def test_compare_with_seeds_writes_intervals_per_method_and_pair(tmp_path, fitted_model):
     from fedblend.compare import run_compare, seed_list
 
-    cfgs = [config_from_dict(tiny_raw(algorithm=a, train={"rounds": 1})) for a in ("local", "fedit")]
+    cfgs = [config_from_dict(fitted_raw(fitted_model, algorithm=a, train={"rounds": 1},
+                                      data={"synthetic_test_per_task": 6})) for a in ("local", "fedit")]
     out = tmp_path / "cmp"
     res = run_compare(cfgs, out, seeds=seed_list(cfgs[0].seed, 2))
     assert res["seeds"] == [3, 4]
@@ -34,7 +35,7 @@ def test_compare_with_seeds_writes_intervals_per_method_and_pair(tmp_path):
         assert set(cell) >= {"mean", "sd", "lo", "hi", "half", "per_seed"} and cell["seeds"] == 2
         # the per-instance records reproduce what each run's summary reports
         for s, v in zip((3, 4), cell["per_seed"], strict=True):
-            summary = json.loads((out / label / f"seed_{s}" / "summary.json").read_text())
+            summary = informative(json.loads((out / label / f"seed_{s}" / "summary.json").read_text()))
             assert v == pytest.approx(summary["mean"]["P"])
             assert st[label]["TTP"]["per_seed"][(s - 3)] == pytest.approx(summary["mean"]["TTP"])
         assert {f"P[client {k}]" for k in range(3)} <= set(st[label])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw
+from conftest import fitted_raw, informative, tiny_raw
 
 from fedblend.aggregation.fedavg import weighted_mean
 from fedblend.comm.codec import Message, decode, encode
@@ -35,8 +35,9 @@ def test_weighted_mean():
         weighted_mean([(a, 1), ({"y": torch.zeros(2)}, 1)])
 
 
-def _run(tmp_path: Path, name: str, tap=None, **sections):
-    cfg = config_from_dict(tiny_raw(**sections))
+def _run(tmp_path: Path, name: str, tap=None, fitted: Path | None = None, **sections):
+    """A tiny run; on the fitted model (answers not empty) where ``fitted`` is its path."""
+    cfg = config_from_dict(fitted_raw(fitted, **sections) if fitted else tiny_raw(**sections))
     return run_experiment(cfg, tmp_path / name, tap=tap), tmp_path / name
 
 
@@ -56,11 +57,13 @@ def test_fedit_run_writes_a_complete_run_dir(tmp_path: Path):
     assert html.count("<img") >= 3
 
 
-def test_same_seed_same_numbers(tmp_path: Path):
-    a, out_a = _run(tmp_path, "a")
+def test_same_seed_same_numbers(tmp_path: Path, fitted_model: Path):
+    a, out_a = _run(tmp_path, "a", fitted=fitted_model)
     # without sharing identical models' generations: the same scores, every client generates
-    b, out_b = _run(tmp_path, "b", eval={"dedupe": False})
-    assert a["clients"] == b["clients"]
+    b, out_b = _run(tmp_path, "b", fitted=fitted_model, eval={"dedupe": False})
+    assert informative(a)["clients"] == b["clients"]
+    preds = (out_a / "eval" / "predictions.jsonl").read_text()
+    assert preds == (out_b / "eval" / "predictions.jsonl").read_text()
     assert a["time"]["eval_instances"] == b["time"]["eval_instances"] == 27  # 3 clients x 3 tasks x 3
     assert a["time"]["generated_instances"] == 9  # FedIT: one model shared by all clients
     assert b["time"]["generated_instances"] == 27
@@ -72,7 +75,7 @@ def test_same_seed_same_numbers(tmp_path: Path):
     ga = load_state(RunDir(out_a).checkpoint_dir() / "server.safetensors")["global"]
     gb = load_state(RunDir(out_b).checkpoint_dir() / "server.safetensors")["global"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
-    _, out_c = _run(tmp_path, "c", seed=11)
+    _, out_c = _run(tmp_path, "c", fitted=fitted_model, seed=11)
     gc = load_state(RunDir(out_c).checkpoint_dir() / "server.safetensors")["global"]
     assert any(not torch.equal(ga[k], gc[k]) for k in ga)
 
@@ -110,8 +113,8 @@ def test_engine_refuses_undeclared_roles(tmp_path: Path, monkeypatch):
     assert json.loads((tmp_path / "leak" / "status.json").read_text())["status"] == "failed"
 
 
-def test_resume_after_a_crash_gives_the_same_result(tmp_path: Path, monkeypatch):
-    full, out_full = _run(tmp_path, "full", train={"rounds": 3})
+def test_resume_after_a_crash_gives_the_same_result(tmp_path: Path, monkeypatch, fitted_model: Path):
+    full, out_full = _run(tmp_path, "full", fitted=fitted_model, train={"rounds": 3})
     original = inprocess.Transport.up
     calls = {"n": 0}
 
@@ -122,7 +125,7 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path: Path, monkeypatch)
         return original(self, rnd, cid, msg, allowed)
 
     monkeypatch.setattr(inprocess.Transport, "up", crash_in_round_2)
-    cfg = config_from_dict(tiny_raw(train={"rounds": 3}))
+    cfg = config_from_dict(fitted_raw(fitted_model, train={"rounds": 3}))
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "crash")
     assert not (tmp_path / "crash" / "summary.json").exists()
@@ -131,7 +134,9 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(inprocess.Transport, "up", original)
     resumed = run_experiment(cfg, tmp_path / "crash", resume=True)
     assert resumed["resumed_at_round"] == 2
-    assert resumed["clients"] == full["clients"]
+    assert resumed["clients"] == informative(full)["clients"]
+    assert (tmp_path / "crash" / "eval" / "predictions.jsonl").read_text() == \
+        (out_full / "eval" / "predictions.jsonl").read_text()
     assert resumed["comm"]["bytes_up"] == full["comm"]["bytes_up"]
     g1 = load_state(RunDir(out_full).checkpoint_dir() / "server.safetensors")["global"]
     g2 = load_state(RunDir(tmp_path / "crash").checkpoint_dir() / "server.safetensors")["global"]

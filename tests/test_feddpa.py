@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw
+from conftest import fitted_raw, informative, tiny_raw
 
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import ClientContext
@@ -112,12 +112,35 @@ def test_local_adapter_never_leaves_the_client(algo: str, tmp_path: Path):
     assert all(w is not None for w in weights)
 
 
-def test_feddpa_t_local_persists_and_phases(tmp_path: Path):
+def test_feddpa_t_local_persists_and_phases(tmp_path: Path, monkeypatch):
+    from fedblend.text.trainer import TextTrainer as T
+
+    phases: list[tuple[int, dict, dict]] = []  # (client, L before, L after) per local phase
+    original = T.train
+
+    def spy(self, key, examples, trainable, mix, epochs, seed, **kw):
+        if list(trainable) != ["local"]:
+            return original(self, key, examples, trainable, mix, epochs, seed, **kw)
+        before = {k: v.clone() for k, v in self.adapters.get("local").items()}
+        out = original(self, key, examples, trainable, mix, epochs, seed, **kw)
+        phases.append((key[1], before, {k: v.clone() for k, v in self.adapters.get("local").items()}))
+        return out
+
+    monkeypatch.setattr(T, "train", spy)
     cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", train={"rounds": 3}))
     run_experiment(cfg, tmp_path / "t")
     rounds = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_local" not in m for m in rounds[0]["client_metrics"].values())  # round 0: global only
     assert all("loss_local" in m for r in rounds[1:] for m in r["client_metrics"].values())
+    # a local phase in rounds 1 and 2 for each client; round 2's starts from round 1's result
+    # (L persists on the client), and each phase trains it
+    assert sorted(c for c, _, _ in phases) == [0, 0, 1, 1, 2, 2]
+    eq = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    for cid in (0, 1, 2):
+        (_, b1, a1), (_, b2, a2) = [p for p in phases if p[0] == cid]
+        assert eq(b2, a1) and not eq(a1, b1) and not eq(a2, b2), cid
+        final = load_state(tmp_path / "t" / "clients" / f"{cid}.safetensors")["local"]  # the client store
+        assert eq(final, a2), cid  # and the last one is what the client keeps
 
 
 def test_feddpa_f_starts_local_from_final_global(tmp_path: Path, monkeypatch):
@@ -144,12 +167,22 @@ def test_feddpa_f_needs_finetune_epochs():
         make_algorithm(config_from_dict(tiny_raw(algorithm="feddpa_f")))
 
 
-def test_reevaluation_changes_only_inference(tmp_path: Path):
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t"))
-    a = run_experiment(cfg, tmp_path / "dyn")
+def test_reevaluation_changes_only_inference(tmp_path: Path, fitted_model: Path):
+    cfg = config_from_dict(fitted_raw(fitted_model, algorithm="feddpa_t"))
+    a = informative(run_experiment(cfg, tmp_path / "dyn"))
     b = evaluate_run(tmp_path / "dyn", ["eval.weighting=static", "eval.static_weight=0.5"], tmp_path / "static")
     assert b["comm"]["bytes_up"] == a["comm"]["bytes_up"]
     assert b["weighting"] == {"mode": "static", "convention": "intent"}
     assert b["evaluated_from"] == str(tmp_path / "dyn")
+    # the trained states are re-used as they are: the local adapter alone (weighting local)
+    # answers exactly as a static weight of 1 on it does, the global adapter alone as a
+    # weight of 0 on the local one; and the two adapters answer differently
+    preds = {}
+    for name, sets in (("local", ["eval.weighting=local"]), ("w1", ["eval.weighting=static", "eval.static_weight=1.0"]),
+                       ("global", ["eval.weighting=global"]), ("w0", ["eval.weighting=static", "eval.static_weight=0.0"])):
+        evaluate_run(tmp_path / "dyn", sets, tmp_path / name)
+        preds[name] = [json.loads(x)["prediction"] for x in (tmp_path / name / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert preds["local"] == preds["w1"] and preds["global"] == preds["w0"]
+    assert preds["local"] != preds["global"]
     with pytest.raises(ConfigError, match="only eval"):
         evaluate_run(tmp_path / "dyn", ["train.rounds=5"], tmp_path / "bad")

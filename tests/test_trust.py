@@ -101,13 +101,22 @@ def test_dropped_clients_are_left_out_and_logged(tmp_path):
 
 def test_round_below_min_clients_is_skipped_and_state_unchanged(tmp_path):
     cfg = _cfg(faults={"drop_prob": 0.6}, train={"rounds": 4, "min_clients": 3})
-    res, rounds, _ = _loop(tmp_path, cfg, _data())
+    sent: dict[int, torch.Tensor] = {}  # round -> the server state sent out at its start
+
+    def tap(direction, rnd, cid, data):
+        if direction == "down":
+            sent.setdefault(int(rnd), decode(data).tensors["global"]["w"])
+
+    res, rounds, _ = _loop(tmp_path, cfg, _data(), tap=tap)
     skipped = [r for r in rounds if "skipped" in r]
-    assert skipped, [r["answered"] for r in rounds]
+    assert skipped and len(skipped) < len(rounds), [r["answered"] for r in rounds]  # both kinds
     for r in skipped:
         assert len(r["answered"]) < 3 and "train.min_clients = 3" in r["skipped"]
-    if all("skipped" in r for r in rounds):
-        assert torch.equal(res.server_state["global"]["w"], torch.zeros(D))
+    for i, r in enumerate(rounds):
+        before = sent[i]
+        after = sent[i + 1] if i + 1 < len(rounds) else res.server_state["global"]["w"]
+        # a skipped round leaves the state exactly as it was; an aggregated one moves it
+        assert torch.equal(before, after) == ("skipped" in r), (i, r["answered"])
 
 
 def test_nan_and_over_norm_updates_are_rejected_and_the_run_goes_on(tmp_path):
@@ -289,7 +298,9 @@ def test_compressed_loop_keeps_residual_private_and_counts_fewer_bytes(tmp_path)
     assert set(res.client_states[0]) == {cz.RESIDUAL}  # kept (and checkpointed) on the client
     ck = json.loads((tmp_path / "int8" / "checkpoint" / "state.json").read_text())
     assert ck["rounds_completed"] == 3
-    torch.testing.assert_close(res.server_state["global"]["w"], plain.server_state["global"]["w"], atol=0.05, rtol=0)
+    # int8 with error feedback ends within 7.8e-4 of the uncompressed run (measured; the
+    # weights reach 0.41): 4x that, not the 0.05 (64x) this allowed before
+    torch.testing.assert_close(res.server_state["global"]["w"], plain.server_state["global"]["w"], atol=3e-3, rtol=0)
 
 
 def test_malformed_compressed_update_is_rejected():
@@ -324,3 +335,35 @@ def test_server_momentum_steps_text_algorithms_after_any_rule():
     plain = make_algorithm(config_from_dict({"algorithm": "fedit"}))
     s = plain.aggregate(0, updates((1.0, 1), (3.0, 3)), start)
     assert torch.allclose(s["global"]["w"], torch.tensor([2.5])) and list(s) == ["global"]
+
+
+def test_without_trust_features_the_algorithm_runs_unwrapped():
+    # docs/trust.md: with no trust feature on, the algorithm runs unwrapped, bit for bit
+    cfg = _cfg()
+    alg = LeastSquares(cfg)
+    assert wrap_algorithm(alg, cfg) is alg
+    assert isinstance(wrap_algorithm(LeastSquares(cfg), _cfg(aggregate={"rule": "median"})), TrustWrapper)
+
+
+def test_gaussian_attack_replaces_the_delta_of_listed_clients_only():
+    cfg = _cfg(attack={"kind": "gaussian", "clients": [0], "scale": 3.0})
+    delta, update, _ = _client_update(cfg)
+    sent = update.tensors["global"]["w"] - 0.5
+    assert not torch.allclose(sent, delta) and float(sent.abs().max()) > 0
+    _, again, _ = _client_update(cfg)
+    torch.testing.assert_close(again.tensors["global"]["w"], update.tensors["global"]["w"])  # seeded
+    delta, update, _ = _client_update(cfg, cid=2)
+    torch.testing.assert_close(update.tensors["global"]["w"] - 0.5, delta)
+
+
+def test_server_clip_norm_clips_each_delta_before_the_mean():
+    # aggregate.clip_norm: deltas (3, 4) (norm 5, weight 1) and (0.3, 0.4) (norm 0.5, weight 3)
+    # -> clipped to norm 1: (0.6, 0.8) and unchanged; FedAvg: (0.6 + 3 * 0.3, 0.8 + 3 * 0.4) / 4
+    cfg = _cfg(aggregate={"clip_norm": 1.0})
+    alg = TrustWrapper(LeastSquares(cfg), cfg)
+    server = {"global": {"w": torch.tensor([1.0, 1.0])}}
+    updates = {0: Message({"global": {"w": torch.tensor([4.0, 5.0])}}, 1),
+               1: Message({"global": {"w": torch.tensor([1.3, 1.4])}}, 3)}
+    out = alg.aggregate(0, updates, server)["global"]["w"]
+    torch.testing.assert_close(out, torch.tensor([1.0 + 1.5 / 4, 1.0 + 2.0 / 4]))
+    assert alg.last_aggregation == {"rule": "fedavg", "clipped": [0]}

@@ -17,6 +17,15 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture
+def fitted_tiny(fitted_model: Path) -> list[str]:
+    """TINY_OVERRIDES on the model fitted to the synthetic tasks: answers not empty, so a
+    Flower-vs-in-process comparison compares real scores and predictions."""
+    from fitted import fitted_overrides
+
+    return [*TINY_OVERRIDES, *fitted_overrides(fitted_model)]
+
+
 @pytest.fixture(autouse=True)
 def _flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = [b for b in ("flwr", "flower-superlink", "flower-supernode") if flwr_bin(b) is None]

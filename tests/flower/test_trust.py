@@ -15,7 +15,7 @@ from fedblend.engines.flower.faults import KILL_NODE_ENV, KILL_SERVER_ENV
 from fedblend.store.rundir import RunDir
 
 from .conftest import TINY, TINY_OVERRIDES
-from .helpers import assert_adapters_close, inprocess_reference
+from .helpers import assert_adapters_equal, assert_same_predictions, inprocess_reference
 
 pytestmark = pytest.mark.flower
 
@@ -44,7 +44,7 @@ def test_killed_supernode_is_left_out_after_round_timeout(
     r0, r1 = run.rounds()
     assert r0["clients"] == r1["clients"] == [0, 1, 2]
     assert r0["dropped"]["2"] == left_out
-    assert timeout <= r0["seconds"] < 2 * timeout, r0["seconds"]  # ended at the timeout
+    assert r0["seconds"] >= timeout, r0["seconds"]  # it waited for the timeout (no upper bound: load)
     for r in (r0, r1):  # the others were aggregated, the dead node left out of both rounds
         assert 2 not in r["answered"] and "2" not in r["client_metrics"]
         assert set(r["answered"]) | {int(c) for c in r["dropped"]} == {0, 1, 2}
@@ -66,9 +66,9 @@ def _serverapp_alive(dep: LocalDeployment) -> bool:
 
 
 def test_killed_serverapp_resumes_to_uninterrupted_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fitted_tiny: list[str]
 ) -> None:
-    overrides = [*TINY_OVERRIDES, "algorithm='feddpa_t'"]
+    overrides = [*fitted_tiny, "algorithm='feddpa_t'"]
     out, work = tmp_path / "flower", tmp_path / "work"
     ckpt = out / "checkpoint" / "state.json"
     # the ServerApp SIGKILLs itself once round 1's updates arrived: the nodes have trained
@@ -96,13 +96,14 @@ def test_killed_serverapp_resumes_to_uninterrupted_result(
     run = RunDir(out)
     assert [r["round"] for r in run.rounds()] == [0, 1]
     assert summary["comm"] == ref["comm"] and summary["clients"] == ref["clients"]
-    assert_adapters_close(out / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
+    assert_same_predictions(out, tmp_path / "inprocess")
+    assert_adapters_equal(out / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
     for i, nr in enumerate(node_runs):
         assert [p.name for p in nr.parent.glob("run-*")] == [nr.name]  # the same state dir
         trains = [json.loads(x) for x in (nr / "node.jsonl").read_text().splitlines() if '"train"' in x]
         assert [(t["round"], t["state_round"]) for t in trains] == [(0, 0), (1, 1), (1, 1)]
         assert trains[2]["state_from"] == "disk"  # rolled back to the snapshot, not the newer state
-        assert_adapters_close(  # personal adapters: round 1 retrained from round 0's state
+        assert_adapters_equal(  # personal adapters: round 1 retrained from round 0's state
             nr / "adapters" / "local" / f"client_{i}",
             tmp_path / "inprocess" / "adapters" / "local" / f"client_{i}",
         )

@@ -58,20 +58,35 @@ def test_tiny_clip_domain_federation_reports_unseen(tmp_path):
     assert s["data"]["unseen_test"] == s["data"]["global_test"]
 
 
-def test_resume_continues_a_vision_run(tmp_path):
+def test_resume_continues_a_vision_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from fedblend.engines import inprocess
     from fedblend.store.rundir import RunDir
 
-    cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false")
+    cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "train.rounds=3")
+    whole = run_experiment(cfg, tmp_path / "whole")
+    original = inprocess.Transport.up
+
+    def crash_in_round_2(self, rnd, cid, msg, allowed):
+        if rnd == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, rnd, cid, msg, allowed)
+
+    monkeypatch.setattr(inprocess.Transport, "up", crash_in_round_2)
     out = tmp_path / "r"
-    run_experiment(cfg, out)
-    (out / "summary.json").unlink()
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text(lines[0] + "\n")
-    ck = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert ck["rounds_completed"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["rounds_completed"] == 2
+    monkeypatch.setattr(inprocess.Transport, "up", original)
     s = run_experiment(cfg, out, resume=True)
     assert s["resumed_at_round"] == 2 and RunDir(out).complete
-    assert len(s["accuracy_per_round"]) == 2
+    # the resumed run ends where the uninterrupted one does
+    assert s["accuracy_per_round"] == whole["accuracy_per_round"] and len(s["accuracy_per_round"]) == 3
+    assert s["accuracy"] == whole["accuracy"] and s["comm"] == whole["comm"]
+    a = load_file(str(out / "adapters" / "global" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "adapters" / "global" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.e2e
