@@ -12,8 +12,13 @@ import pytest
 
 from fedblend.store.rundir import RunDir
 
-from .conftest import ROOT, TINY_OVERRIDES
-from .helpers import assert_adapters_close, inprocess_reference, received_messages
+from .conftest import ROOT
+from .helpers import (
+    assert_adapters_equal,
+    assert_same_predictions,
+    inprocess_reference,
+    received_messages,
+)
 
 # not importorskip: Ray reads some settings when imported, and deploy_sim imports it itself
 pytestmark = [pytest.mark.flower,
@@ -23,11 +28,12 @@ pytestmark = [pytest.mark.flower,
 FEDDPA_T = ROOT / "configs" / "tiny" / "feddpa_t.toml"
 
 
-def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: Path) -> None:
+def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: Path, fitted_tiny: list[str]) -> None:
     from fedblend.deploy.sim import deploy_sim
 
-    # FedDPA-T: each client keeps a private local adapter across rounds; 2 of 4 clients a round
-    overrides = [*TINY_OVERRIDES, "data.num_clients=4", "train.clients_per_round=2"]
+    # FedDPA-T on the fitted model (answers not empty): each client keeps a private local
+    # adapter across rounds; 2 of 4 clients a round
+    overrides = [*fitted_tiny, "data.num_clients=4", "train.clients_per_round=2"]
     work = tmp_path / "work"
     summary, res = deploy_sim(FEDDPA_T, 4, overrides, tmp_path / "sim", work=work, ray_cpus=2)
     ref = inprocess_reference(FEDDPA_T, overrides, tmp_path / "inprocess")
@@ -37,10 +43,11 @@ def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: 
     assert summary["comm"] == ref["comm"]  # the same bytes up and down
     assert summary["clients"] == ref["clients"]  # the same scores
     assert [r["clients"] for r in run.rounds()] == [r["clients"] for r in RunDir(tmp_path / "inprocess").rounds()]
-    assert_adapters_close(run.path / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
+    assert_adapters_equal(run.path / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
+    assert_same_predictions(run.path, tmp_path / "inprocess")
     for cid, path in summary["adapters"]["local"].items():  # exported where the client's state is
         assert Path(path).is_relative_to(work / "nodes"), path
-        assert_adapters_close(Path(path), tmp_path / "inprocess" / "adapters" / "local" / f"client_{cid}")
+        assert_adapters_equal(Path(path), tmp_path / "inprocess" / "adapters" / "local" / f"client_{cid}")
     received = received_messages(run.path)
     assert [m["type"] for m in received].count("train") == 2 * 2
     assert {r for m in received if m["type"] == "train" for r in m["roles"]} == {"global"}  # never "local"
