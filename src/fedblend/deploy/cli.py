@@ -66,8 +66,10 @@ def sim(
     resume: Annotated[bool, typer.Option("--resume", help="continue the unfinished run in --out "
                                          "from its last checkpoint")] = False,
 ) -> None:
-    """Run CONFIG on Flower's simulation runtime: N virtual SuperNodes as Ray actors (needs
-    `pip install 'fedblend[simulation]'`); writes the same run directory as `fedblend run`."""
+    """Run CONFIG on Flower's simulation runtime with N virtual SuperNodes as Ray actors.
+
+    Needs `pip install 'fedblend[simulation]'`; writes the same run directory as `fedblend run`.
+    """
     from fedblend.config import load_config
     from fedblend.console import print_summary, user_errors
     from fedblend.deploy.sim import deploy_sim
