@@ -40,7 +40,10 @@ def test_sigkill_at_30_seeded_instants_then_resume_gives_the_uninterrupted_resul
         assert "Traceback" not in a["log"] and "error" not in a["log"].lower(), (a["i"], a["log"][-2000:])
     for a in [a for a in killed[1:] if a["target"]] + [final]:  # --resumes that reached the round loop
         assert ("starting from round 0" in a["log"]) == (a["resumed_from"] == 0), (a["i"], a["log"][-500:])
-    assert {a["resumed_from"] for a in attempts} >= {0, 1, 2, 3}  # kills before and after each checkpoint
+    # resumes from before the first checkpoint, from the last, and from at least one between (which
+    # of rounds 1 and 2 a timed kill catches depends on the machine's speed: CI once saw {0, 2, 3})
+    resumed = {a["resumed_from"] for a in attempts}
+    assert {0, 3} <= resumed and len(resumed) >= 3, resumed
 
     ref, got = RunDir(chain["reference"]), RunDir(chain["killed"])
     assert got.complete and json.loads((got.path / "status.json").read_text())["status"] == "complete"
