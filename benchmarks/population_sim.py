@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -36,6 +35,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from population import combine, cpu_name, dir_bytes  # the in-process benchmark beside this one
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (a worktree one level deeper: two levels up)
@@ -55,13 +56,6 @@ def overrides(n: int) -> list[str]:
         "engine.progress=false", "engine.threads=1",
     ]
 
-
-def dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.lstat(os.path.join(root, f)).st_size
-    return total
 
 
 def one(n: int, out: Path, cpus_per_client: float) -> dict:
@@ -146,27 +140,6 @@ def measure(n: int, cpus_per_client: float) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         return rec
 
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def combine(reps: list[dict]) -> dict:
-    """One record: the median of each number over the repeats, with min and max kept."""
-    out = dict(reps[-1])
-    for k in KEYS:
-        vals = [r[k] for r in reps]
-        out[k] = statistics.median(vals)
-        if len(vals) > 1:
-            out[f"{k}_range"] = [min(vals), max(vals)]
-    out["repeats"] = len(reps)
-    return out
 
 
 def write(results: dict[str, dict], note: str, cpus_per_client: float) -> None:
