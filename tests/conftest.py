@@ -29,6 +29,11 @@ def tiny_raw(**sections) -> dict:
         "eval": {"max_new_tokens": 4, "batch_size": 8},
         "engine": {"progress": False},
     }
+    return _merged(raw, sections)
+
+
+def _merged(raw: dict, sections: dict) -> dict:
+    """``raw`` with ``sections`` applied: a dict updates that section's keys, anything else replaces."""
     for key, value in sections.items():
         if isinstance(value, dict):
             raw.setdefault(key, {}).update(value)
@@ -43,12 +48,7 @@ def fitted_raw(model_dir: Path, **sections) -> dict:
     from fitted import fitted_sections
 
     raw = tiny_raw(**fitted_sections(model_dir))
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    return raw
+    return _merged(raw, sections)
 
 
 def informative(summary: dict) -> dict:
