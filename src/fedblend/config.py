@@ -78,6 +78,53 @@ class LoraConfig(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    dora: bool = Field(
+        False, description="DoRA (PEFT use_dora): each adapted layer also trains a magnitude vector, "
+        "shared or kept local as the algorithm does with the LoRA factors",
+    )
+    # heterogeneous ranks (FLoRA, FlexLoRA, HetLoRA): a property of the federation
+    client_ranks: list[int] = Field(
+        default_factory=list, description="one LoRA rank per client (in data.clients order, else client "
+        "id order); empty = every client at lora.r. lora.r is then the largest (the server's rank)",
+    )
+    rank_tiers: list[int] = Field(
+        default_factory=list, description="resource tiers: each client gets one of these ranks, drawn "
+        "uniformly with the experiment's seed (instead of lora.client_ranks)",
+    )
+    hetero_scaling: Literal["constant", "alpha"] = Field(
+        "constant", description="scaling s_i of a client at rank r_i: constant = lora.alpha / lora.r for "
+        "every rank (alpha_i = s r_i, as FLoRA's code), alpha = lora.alpha / r_i (FlexLoRA's code)",
+    )
+
+    @field_validator("client_ranks", "rank_tiers")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v):
+            raise ValueError("every rank must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _ranks(self) -> LoraConfig:
+        ranks = self.client_ranks or self.rank_tiers
+        if self.client_ranks and self.rank_tiers:
+            raise ValueError("lora.rank_tiers: give lora.client_ranks or lora.rank_tiers, not both")
+        if ranks:
+            top = max(ranks)
+            if "r" in self.model_fields_set and self.r != top:
+                raise ValueError(f"lora.r: must be the largest client rank ({top}) when ranks differ")
+            if self.r != top:
+                self.r = top
+        return self
+
+    @property
+    def heterogeneous(self) -> bool:
+        return bool(self.client_ranks or self.rank_tiers)
+
+    def scaling_for(self, rank: int) -> float:
+        """s_i of a client at ``rank`` (see ``hetero_scaling``)."""
+        if self.hetero_scaling == "constant":
+            return self.alpha / self.r
+        return self.alpha / rank
 
 
 class DataConfig(_Section):
@@ -367,7 +414,22 @@ class ExperimentConfig(_Section):
             raise ValueError(f"train.clients_per_round: {k} clients per round > {n} clients ({where})")
         if self.eval.clients > n:
             raise ValueError(f"eval.clients: an evaluation sample of {self.eval.clients} > {n} clients ({where})")
+        if self.lora.client_ranks and len(self.lora.client_ranks) != n:
+            raise ValueError(f"lora.client_ranks: {len(self.lora.client_ranks)} ranks for {n} clients ({where})")
         return self
+
+    def client_rank(self, cid: int) -> int:
+        """Client ``cid``'s LoRA rank: ``lora.client_ranks`` (by the client's position in
+        ``data.clients``, else its id), a seeded draw from ``lora.rank_tiers``, else ``lora.r``."""
+        lc = self.lora
+        if lc.client_ranks:
+            pos = self.data.clients.index(cid) if self.data.clients else cid
+            return lc.client_ranks[pos]
+        if lc.rank_tiers:
+            import random
+
+            return random.Random(self.seed * 1_000_003 + cid).choice(lc.rank_tiers)
+        return lc.r
 
     @model_validator(mode="after")
     def _trust_checks(self) -> ExperimentConfig:

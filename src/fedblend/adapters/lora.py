@@ -117,6 +117,11 @@ class DualLoRA:
                 layer.lora_B[role].weight.zero_()
         return self.get(role)
 
+    def set_scaling(self, role: str, s: float) -> None:
+        """The role's LoRA scaling ``s`` (a client at its own rank: ``lora.scaling_for(r_i)``)."""
+        self.scale[role] = float(s)
+        self._apply_mix(self.mix_weights)
+
     def num_parameters(self, role: str) -> int:
         return sum(p.numel() for p in self.params[role].values())
 
@@ -227,3 +232,43 @@ def _target_error(cfg: LoraConfig, e: Exception):
     from fedblend.errors import ConfigError
 
     return ConfigError(f"lora.target_modules: {cfg.target_modules} not found in the model ({e})")
+
+
+def rank_of(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The LoRA rank of an adapter's tensors (rows of its A matrices)."""
+    for k, t in tensors.items():
+        if tensor_kind(k) == "lora_A":
+            return int(t.shape[0])
+    raise ValueError("no lora_A tensor")
+
+
+def truncate_rank(tensors: Mapping[str, torch.Tensor], r: int) -> Tensors:
+    """The first ``r`` rank components: ``A[:r, :]``, ``B[:, :r]`` (other tensors as they are)."""
+    out: Tensors = {}
+    for k, t in tensors.items():
+        kind = _kind_or_none(k)
+        out[k] = t[:r, :].clone() if kind == "lora_A" else t[:, :r].clone() if kind == "lora_B" else t
+    return out
+
+
+def pad_rank(tensors: Mapping[str, torch.Tensor], r: int) -> Tensors:
+    """Zero-pad to rank ``r`` (A rows, B columns). A zero-padded adapter trains exactly as the
+    smaller one: the padded rows and columns get zero gradients (each is the other's factor),
+    so AdamW, weight decay and norm clipping leave them at zero."""
+    out: Tensors = {}
+    for k, t in tensors.items():
+        kind = _kind_or_none(k)
+        if kind == "lora_A":
+            out[k] = torch.cat([t, t.new_zeros(r - t.shape[0], t.shape[1])], 0)
+        elif kind == "lora_B":
+            out[k] = torch.cat([t, t.new_zeros(t.shape[0], r - t.shape[1])], 1)
+        else:
+            out[k] = t
+    return out
+
+
+def _kind_or_none(key: str) -> str | None:
+    try:
+        return tensor_kind(key)
+    except ValueError:
+        return None

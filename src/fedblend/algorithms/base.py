@@ -71,13 +71,46 @@ def client_seed(seed: int, rnd: int, cid: int) -> int:
 
 
 class Algorithm(ABC):
+    """One federated method. Its class declares what the registry (:mod:`fedblend.algorithms`)
+    and the config need: ``name``, ``modality``, ``shared_roles``, its own settings section
+    (``section`` + a pydantic ``Settings`` model, read as ``self.settings``), and in
+    :meth:`check` the combinations of shared settings it refuses."""
+
     name: str = "?"
+    modality: str = "text"  # "text" | "vision": which modality runs it
+    paper: str = ""  # one line for the README's methods table
+    section: str | None = None  # its own config section, e.g. "feddpa" for [feddpa]
+    Settings: type | None = None  # the pydantic model of that section (fedblend.config.Section)
     shared_roles: tuple[str, ...] = ("global",)
     pools_data: bool = False  # True: train one model on the pooled data (centralized)
     plain_average_keys: frozenset[str] = frozenset()  # tensors the server step leaves averaged
+    mean_aggregation: bool = True  # aggregate() is the weighted mean of the shared roles: robust
+    # rules, update clipping and DP (which replace that mean) compose with it; False refuses them
+    equal_ranks: bool = True  # False: takes lora.client_ranks / lora.rank_tiers
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Refuse settings this method cannot run with: raise ``ValueError("section.key: why")``
+        (the config loader reports it as one line). Called at config load time."""
+        if cls.equal_ranks and cfg.lora.heterogeneous:
+            key = "lora.client_ranks" if cfg.lora.client_ranks else "lora.rank_tiers"
+            raise ValueError(f"{key}: {cls.name} needs every client at one rank (lora.r); "
+                             "heterogeneous ranks run with flora, flexlora or hetlora")
+        if not cls.mean_aggregation:
+            for key, on in (("aggregate.rule", cfg.aggregate.rule != "fedavg"),
+                            ("aggregate.clip_norm", cfg.aggregate.clip_norm > 0),
+                            ("privacy.clip", cfg.privacy.clip > 0)):
+                if on:
+                    raise ValueError(f"{key}: {cls.name}'s aggregation is not a mean of the clients' "
+                                     "tensors; robust rules, update clipping and DP do not compose with it")
+
+    @property
+    def settings(self) -> Any:
+        """This method's own settings section (``[<section>]``), validated, defaults filled."""
+        return self.cfg.section(self.section) if self.section else None
 
     # ---- state ----------------------------------------------------------------------------
     def init_server_state(self, trainer) -> State:
