@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fedblend.algorithms.tripleplay import TriplePlaySettings
 from fedblend.config import config_from_dict
 from fedblend.engines.inprocess import Transport, run_rounds
 from fedblend.runner import run_experiment
@@ -38,11 +39,10 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10"
 SHIPPED = {k: tomllib.loads((ROOT / "configs" / "cifar10" / f"{k}.toml").read_text())
            for k in ("fedclip", "tripleplay")}
 MODEL_KEYS = ("adapter", "adapter_reduction", "adapter_ratio", "head", "logit_scale", "loss", "feature_norm")
-LT_KEYS = ("balanced_loss", "gan", "gan_steps", "gan_warmup_rounds", "gan_target")
 
 
 def base(args, out: Path) -> dict:
-    train = {**SHIPPED["fedclip"]["train"], "prox_mu": 0.01}
+    train = dict(SHIPPED["fedclip"]["train"])
     if args.rounds:
         train["rounds"] = args.rounds
     model = {k: v for k, v in SHIPPED["fedclip"]["vision"].items() if k in MODEL_KEYS}
@@ -50,6 +50,7 @@ def base(args, out: Path) -> dict:
         "name": "cifar10-lt", "seed": 0,
         "data": {"num_clients": 10, "partitioner": "dirichlet", "dirichlet_alpha": 0.1},
         "train": train,
+        "fedprox": {"mu": 0.01},
         "engine": {"progress": False,  # 1 thread: the 2 cores are shared
                    "threads": 1, "checkpoint_every": 0},
         "vision": {
@@ -69,14 +70,20 @@ RUNS = {
     "tripleplay, no LT help": ("tripleplay", PLAIN),
     "tripleplay + balanced softmax only": ("tripleplay", {"balanced_loss": True, "gan": False}),
     "tripleplay + LT help (shipped tripleplay.toml)": (
-        "tripleplay", {k: v for k, v in SHIPPED["tripleplay"]["vision"].items() if k in LT_KEYS}),
+        "tripleplay", {"balanced_loss": SHIPPED["tripleplay"]["vision"]["balanced_loss"],
+                       **SHIPPED["tripleplay"]["tripleplay"]}),
 }
 
 
-def merge(cfg: dict, algorithm: str, vision: dict) -> dict:
+def merge(cfg: dict, algorithm: str, settings: dict) -> dict:
+    """``settings``: [vision] keys, and the [tripleplay] section's (gan, steps, ...)."""
     c = json.loads(json.dumps(cfg))
     c["algorithm"] = algorithm
-    c["vision"].update(vision)
+    for k, v in settings.items():
+        if k in TriplePlaySettings.model_fields:
+            c.setdefault("tripleplay", {})[k] = v
+        else:
+            c["vision"][k] = v
     return c
 
 

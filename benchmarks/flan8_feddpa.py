@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = [
     "data.max_train_per_client=8", "train.rounds=2", "train.local_epochs=2", "train.batch_size=8",
-    "train.lr=2e-3", "train.finetune_epochs=2", "eval.max_per_task=3", "eval.max_new_tokens=10",
+    "train.lr=2e-3", "feddpa.finetune_epochs=2", "eval.max_per_task=3", "eval.max_new_tokens=10",
     "engine.progress=false",
 ]
 
@@ -51,11 +51,11 @@ def main() -> int:
     result = run_compare(load_configs(configs, overrides), args.out, resume=True)
     dpa_t = next(r for r in result["runs"] if r["algorithm"] == "feddpa_t")
     variants = {
-        "feddpa_t[dynamic,official]": ["eval.weighting_convention=official"],
-        "feddpa_t[static 0.5]": ["eval.weighting=static", "eval.static_weight=0.5"],
+        "feddpa_t[dynamic,official]": ["feddpa.weighting_convention=official"],
+        "feddpa_t[static 0.5]": ["feddpa.weighting=static", "feddpa.static_weight=0.5"],
         # every client holds the same final G: without dedupe=false it would be generated once
         # and shared, and the cost comparison would not be on the same number of generations
-        "feddpa_t[global only]": ["eval.weighting=global", "eval.dedupe=false"],
+        "feddpa_t[global only]": ["feddpa.weighting=global", "eval.dedupe=false"],
     }
     from fedblend.compare import _row
 

@@ -11,7 +11,7 @@ config) embed every test input with each client's own local adapter; that time i
 apart (``embed s``), it is the same work in both modes.
 
     nice -n 10 python benchmarks/ttp_batched.py --reps 3 --threads 1 --set eval.max_per_task=2 \
-        --set eval.dynamic_reference=8 --set model.max_length=128 --out runs/ttp_batched.json
+        --set feddpa.dynamic_reference=8 --set model.max_length=128 --out runs/ttp_batched.json
 
 (the scale of benchmarks/results/ttp_batched.md; drop the --set flags for 3 test examples per
 task, all 32 reference prompts and 256-token prompts).

@@ -26,8 +26,8 @@ def _setup(algorithm: str, clients: int = 4, **eval_cfg):
     cfg = config_from_dict(tiny_raw(
         algorithm=algorithm,
         data={"num_clients": clients, "synthetic_test_per_task": 3},
-        eval={"weighting": "dynamic", "dynamic_top_k": 2, "max_new_tokens": 6, "batch_size": 5,
-              **eval_cfg},
+        eval={"max_new_tokens": 6, "batch_size": 5, **eval_cfg},
+        feddpa={"weighting": "dynamic", "dynamic_top_k": 2},
     ))
     model, tok = load_text_backbone(cfg.model, seed=0)
     tr = TextTrainer(cfg, model, tok)

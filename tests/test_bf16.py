@@ -130,7 +130,7 @@ def test_bfloat16_generation_same_client_after_client_and_cross_client(one_threa
         algorithm="feddpa_t",
         model={"source": "tiny", "max_length": 80, "dtype": "bfloat16"},
         data={"num_clients": 3, "synthetic_test_per_task": 2},
-        eval={"weighting": "dynamic", "dynamic_top_k": 2, "max_new_tokens": 5, "batch_size": 4},
+        eval={"max_new_tokens": 5, "batch_size": 4}, feddpa={"weighting": "dynamic", "dynamic_top_k": 2},
     ))
     model, tok = load_text_backbone(cfg.model, seed=0)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -83,7 +83,7 @@ def test_vision_records_reproduce_overall_and_tail_accuracy(tmp_path):
     from fedblend.stats import bootstrap
 
     cfg = load_config(ROOT / "configs" / "tiny" / "clip_smoke.toml",
-                      [f"vision.cache_dir='{tmp_path / 'cache'}'", "engine.progress=false", "vision.gan=false"])
+                      [f"vision.cache_dir='{tmp_path / 'cache'}'", "engine.progress=false", "tripleplay.gan=false"])
     s = run_experiment(cfg, tmp_path / "run")
     strata = run_strata(tmp_path / "run")
     assert bootstrap([strata["accuracy"]])["mean"] == pytest.approx(s["accuracy"]["overall"])

@@ -20,9 +20,9 @@ from fedblend.text.backbone import format_prompt, load_text_backbone
 from fedblend.text.trainer import TextTrainer
 
 
-def _trainer(**eval_cfg):
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", eval={"weighting": "dynamic", "dynamic_top_k": 2,
-                                                                   "dynamic_lambda": 0.5, **eval_cfg}))
+def _trainer(**feddpa):
+    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", feddpa={"weighting": "dynamic", "dynamic_top_k": 2,
+                                                                     "dynamic_lambda": 0.5, **feddpa}))
     model, tok = load_text_backbone(cfg.model, seed=0)
     tr = TextTrainer(cfg, model, tok)
     g = torch.Generator().manual_seed(4)
@@ -94,7 +94,7 @@ def test_static_conventions():
 @pytest.mark.parametrize("algo", ["feddpa_t", "feddpa_f"])
 def test_local_adapter_never_leaves_the_client(algo: str, tmp_path: Path):
     sent = []
-    cfg = config_from_dict(tiny_raw(algorithm=algo, train={"finetune_epochs": 1}))
+    cfg = config_from_dict(tiny_raw(algorithm=algo, feddpa={"finetune_epochs": 1}))
     summary = run_experiment(cfg, tmp_path / algo, tap=lambda *a: sent.append(a))
     states = {int(p.stem): load_state(p) for p in (tmp_path / algo / "final" / "clients").glob("*.safetensors")}
     assert set(states) == {0, 1, 2}
@@ -155,7 +155,7 @@ def test_feddpa_f_starts_local_from_final_global(tmp_path: Path, monkeypatch):
         return original(self, key, examples, trainable, mix, epochs, seed, **kw)
 
     monkeypatch.setattr(T, "train", spy)
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_f", train={"finetune_epochs": 1}))
+    cfg = config_from_dict(tiny_raw(algorithm="feddpa_f", feddpa={"finetune_epochs": 1}))
     run_experiment(cfg, tmp_path / "f")
     local0, _ = seen["start"]
     final_global = load_state(tmp_path / "f" / "final" / "server.safetensors")["global"]
@@ -163,14 +163,14 @@ def test_feddpa_f_starts_local_from_final_global(tmp_path: Path, monkeypatch):
 
 
 def test_feddpa_f_needs_finetune_epochs():
-    with pytest.raises(ConfigError, match="train.finetune_epochs"):
+    with pytest.raises(ConfigError, match="feddpa.finetune_epochs"):
         make_algorithm(config_from_dict(tiny_raw(algorithm="feddpa_f")))
 
 
 def test_reevaluation_changes_only_inference(tmp_path: Path, fitted_model: Path):
     cfg = config_from_dict(fitted_raw(fitted_model, algorithm="feddpa_t"))
     a = informative(run_experiment(cfg, tmp_path / "dyn"))
-    b = evaluate_run(tmp_path / "dyn", ["eval.weighting=static", "eval.static_weight=0.5"], tmp_path / "static")
+    b = evaluate_run(tmp_path / "dyn", ["feddpa.weighting=static", "feddpa.static_weight=0.5"], tmp_path / "static")
     assert b["comm"]["bytes_up"] == a["comm"]["bytes_up"]
     assert b["weighting"] == {"mode": "static", "convention": "intent"}
     assert b["evaluated_from"] == str(tmp_path / "dyn")
@@ -178,11 +178,13 @@ def test_reevaluation_changes_only_inference(tmp_path: Path, fitted_model: Path)
     # answers exactly as a static weight of 1 on it does, the global adapter alone as a
     # weight of 0 on the local one; and the two adapters answer differently
     preds = {}
-    for name, sets in (("local", ["eval.weighting=local"]), ("w1", ["eval.weighting=static", "eval.static_weight=1.0"]),
-                       ("global", ["eval.weighting=global"]), ("w0", ["eval.weighting=static", "eval.static_weight=0.0"])):
+    for name, sets in (("local", ["feddpa.weighting=local"]), ("w1", ["feddpa.weighting=static", "feddpa.static_weight=1.0"]),
+                       ("global", ["feddpa.weighting=global"]), ("w0", ["feddpa.weighting=static", "feddpa.static_weight=0.0"])):
         evaluate_run(tmp_path / "dyn", sets, tmp_path / name)
         preds[name] = [json.loads(x)["prediction"] for x in (tmp_path / name / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert preds["local"] == preds["w1"] and preds["global"] == preds["w0"]
     assert preds["local"] != preds["global"]
-    with pytest.raises(ConfigError, match="only eval"):
+    with pytest.raises(ConfigError, match="only inference settings"):
         evaluate_run(tmp_path / "dyn", ["train.rounds=5"], tmp_path / "bad")
+    with pytest.raises(ConfigError, match="only inference settings"):  # trains: not inference
+        evaluate_run(tmp_path / "dyn", ["feddpa.local_weight=0.2"], tmp_path / "bad")

@@ -33,8 +33,8 @@ def test_glocal_global_phase_and_local_phase_epochs(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(TextTrainer, "train", spy)
     # 8 examples per client, batch 4: 2 steps per epoch
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", train={
-        "rounds": 2, "global_phase_mix": 0.5, "local_phase_epochs": 2}))
+    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", train={"rounds": 2}, feddpa={
+        "global_phase_mix": 0.5, "local_phase_epochs": 2}))
     run_experiment(cfg, tmp_path / "glocal")
     round0, round1 = calls[:3], calls[3:]
     assert all(c[0] == ["global"] and c[1] == {"global": 1.0} and c[2] == 2 for c in round0)
@@ -61,21 +61,21 @@ class _Steps:
 
 def test_glocal_is_off_by_default():
     cfg = config_from_dict(tiny_raw(algorithm="feddpa_t"))
-    assert cfg.train.global_phase_mix == 0 and cfg.train.local_phase_epochs == 0
-    with pytest.raises(ConfigError, match="train.global_phase_mix"):
-        config_from_dict(tiny_raw(algorithm="feddpa_t"), ["train.global_phase_mix=1.5"])
+    assert cfg.section("feddpa").global_phase_mix == 0 and cfg.section("feddpa").local_phase_epochs == 0
+    with pytest.raises(ConfigError, match="feddpa.global_phase_mix"):
+        config_from_dict(tiny_raw(algorithm="feddpa_t"), ["feddpa.global_phase_mix=1.5"])
 
 
 def test_sweep_grid_and_errors():
-    axes = parse_sweep(["eval.dynamic_lambda=0.3,0.7", "eval.dynamic_top_k=1,3"])
+    axes = parse_sweep(["feddpa.dynamic_lambda=0.3,0.7", "feddpa.dynamic_top_k=1,3"])
     assert settings(axes) == [
-        ["eval.dynamic_lambda=0.3", "eval.dynamic_top_k=1"], ["eval.dynamic_lambda=0.3", "eval.dynamic_top_k=3"],
-        ["eval.dynamic_lambda=0.7", "eval.dynamic_top_k=1"], ["eval.dynamic_lambda=0.7", "eval.dynamic_top_k=3"],
+        ["feddpa.dynamic_lambda=0.3", "feddpa.dynamic_top_k=1"], ["feddpa.dynamic_lambda=0.3", "feddpa.dynamic_top_k=3"],
+        ["feddpa.dynamic_lambda=0.7", "feddpa.dynamic_top_k=1"], ["feddpa.dynamic_lambda=0.7", "feddpa.dynamic_top_k=3"],
     ]
-    with pytest.raises(ConfigError, match="only eval"):
+    with pytest.raises(ConfigError, match="only settings that change inference only"):
         parse_sweep(["train.rounds=1,2"])
     with pytest.raises(ConfigError, match="expected section.key=value1,value2"):
-        parse_sweep(["eval.dynamic_lambda"])
+        parse_sweep(["feddpa.dynamic_lambda"])
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def test_weighting_sweep_rescores_one_trained_state(tmp_path: Path):
     trained = run_experiment(config_from_dict(tiny_raw(algorithm="feddpa_t")), src)
     runner = CliRunner()
     out = tmp_path / "sweep"
-    args = ["evaluate", str(src), "--sweep", "eval.dynamic_lambda=0.2,0.8", "--out", str(out)]
+    args = ["evaluate", str(src), "--sweep", "feddpa.dynamic_lambda=0.2,0.8", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "dynamic_lambda=0.2" in res.output and "dynamic_lambda=0.8" in res.output
@@ -108,8 +108,8 @@ def test_weighting_sweep_rescores_one_trained_state(tmp_path: Path):
         weights.append(summary["instance_weights"]["own_task"]["mean"])
     # w = lambda * similarity, from the same embeddings: the weights scale with lambda alone
     assert weights[1] / weights[0] == pytest.approx(0.8 / 0.2, rel=1e-4)
-    bad = runner.invoke(app, ["evaluate", str(src), "--sweep", "eval.dynamic_lambda=0.5,2", "--out", str(tmp_path / "b")])
-    assert bad.exit_code == 2 and "--sweep eval.dynamic_lambda=2: Input should be less than or equal to 1" in bad.output
+    bad = runner.invoke(app, ["evaluate", str(src), "--sweep", "feddpa.dynamic_lambda=0.5,2", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--sweep feddpa.dynamic_lambda=2: Input should be less than or equal to 1" in bad.output
     assert not (tmp_path / "b" / "dynamic_lambda=0.5").exists()  # refused before evaluating anything
     # a second call reuses the finished settings; show prints the table
     again = runner.invoke(app, args)

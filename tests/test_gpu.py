@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 def _run(tmp_path: Path, name: str, **model) -> tuple[dict, list[dict], list[dict]]:
     raw = tiny_raw(algorithm="feddpa_t", model=model, train={"rounds": 2},
-                   eval={"weighting": "dynamic", "dynamic_top_k": 3})
+                   feddpa={"weighting": "dynamic", "dynamic_top_k": 3})
     s = run_experiment(config_from_dict(raw), tmp_path / name)
     rounds = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     preds = [json.loads(line) for line in

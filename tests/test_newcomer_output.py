@@ -21,7 +21,7 @@ from fedblend.cli import app
 
 # the demo's methods on the tiny random model: seconds instead of minutes
 FAST = ["--seeds", "1", "--set", "model.source=tiny", "--set", "model.max_length=96",
-        "--set", "train.rounds=1", "--set", "train.finetune_epochs=0.5", "--set", "eval.max_new_tokens=2"]
+        "--set", "train.rounds=1", "--set", "feddpa.finetune_epochs=0.5", "--set", "eval.max_new_tokens=2"]
 SAFE = re.compile(r"[A-Za-z0-9_.-]+")
 
 

@@ -16,7 +16,7 @@ from fedblend.cli import app
 TINY = ["model.source=tiny", "model.max_length=96", "data.kind=synthetic", "data.num_clients=6", "data.clients=[0, 1, 2, 3]",
         "data.synthetic_train_per_client=4", "data.synthetic_test_per_task=2", "train.rounds=1",
         "train.local_epochs=1", "train.batch_size=4", "train.micro_batch_size=4",
-        "train.finetune_epochs=0.5", "eval.max_new_tokens=2", "eval.max_per_task=2"]
+        "feddpa.finetune_epochs=0.5", "eval.max_new_tokens=2", "eval.max_per_task=2"]
 
 
 def test_reproduce_feddpa_tiny_writes_claims_and_reevaluates_static_without_training(tmp_path: Path):

@@ -97,7 +97,7 @@ def test_every_budget_config_loads(paper, budget):
     assert len({c.seed for c in configs.values()}) == 1  # one seed list for every method
     if paper == "feddpa":
         assert {"local", "fedit", "feddpa_f", "feddpa_t"} <= set(configs)
-        assert configs["feddpa_f"].train.finetune_epochs > 0
+        assert configs["feddpa_f"].section("feddpa").finetune_epochs > 0
 
 
 def test_unknown_paper_and_budget_name_the_option():

@@ -105,7 +105,7 @@ def evaluate(
         "--sweep", help="eval.key=v1,v2,...: one re-evaluation per value (several --sweep: a grid), "
         "each in OUT/<setting>, table in OUT/sweep.json")] = None,
 ) -> None:
-    """Re-evaluate a completed run with other eval.* settings (e.g. eval.weighting=static)."""
+    """Re-evaluate a completed run with other inference settings (e.g. feddpa.weighting=static)."""
     from fedblend.runner import evaluate_run
     from fedblend.sweep import run_sweep
 

@@ -46,10 +46,9 @@ def _row(label: str, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def label_for(cfg: ExperimentConfig, taken: set[str]) -> str:
-    label = cfg.algorithm
-    if cfg.algorithm.startswith("feddpa"):
-        label += f"[{cfg.eval.weighting}"
-        label += f",{cfg.eval.weighting_convention}]" if cfg.eval.weighting == "dynamic" else "]"
+    from fedblend.algorithms import algorithm_class
+
+    label = algorithm_class(cfg.algorithm).label(cfg)
     base, n = label, 2
     while label in taken:
         label, n = f"{base}#{n}", n + 1

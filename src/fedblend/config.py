@@ -13,21 +13,26 @@ import copy
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedblend.errors import ConfigError
 
-TEXT_ALGORITHMS = ("local", "fedit", "centralized", "feddpa_t", "feddpa_f", "fedsa_lora", "ffa_lora")
 CORRUPTIONS = ("none", "blur", "noise", "contrast", "grayscale", "rotation")
-VISION_ALGORITHMS = (
-    "zeroshot", "linear_probe", "fedclip", "tripleplay", "fedprox", "local_adapter", "fedavg_adapter",
-)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys fail at load time. An algorithm's own settings
+    (``[feddpa]``, ``[tripleplay]``, ...) subclass it in the algorithm's module."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # keys that change inference only: `fedblend evaluate` / `sweep` may change them on a
+    # trained run (every eval.* key is such a key; an algorithm section names its own here)
+    inference_only: ClassVar[frozenset[str]] = frozenset()
+
+
+_Section = Section
 
 
 class ModelConfig(_Section):
@@ -180,19 +185,6 @@ class TrainConfig(_Section):
         False, description="recompute the frozen backbone's activations in the backward pass "
         "(non-reentrant): less memory, more time"
     )
-    # FedDPA
-    local_weight: float = Field(0.5, ge=0, le=1, description="FedDPA-T weight a of the local adapter")
-    finetune_epochs: float = Field(0, ge=0, description="FedDPA-F local fine-tuning epochs")
-    local_phase_epochs: float = Field(
-        0, ge=0, description="FedDPA-T local-phase epochs; 0 = train.local_epochs (the global phase's)"
-    )
-    global_phase_mix: float = Field(
-        0.0, ge=0, lt=1,
-        description="FedDPA-T 'glocal' ablation: from round 1 the frozen local adapter stays active at "
-        "this weight (G at 1 - w) while G trains; 0 = off (G alone), the official --glocal = 0.5",
-    )
-    # FedProx
-    prox_mu: float = Field(0.0, ge=0)
     # server optimizer on the aggregated update (FedAvgM, Hsu et al. 2019): every algorithm with
     # shared roles applies it to them, after FedAvg or the robust rule / DP of [aggregate]
     server_lr: float = Field(1.0, gt=0, le=10, description="server step on the averaged client delta")
@@ -214,13 +206,6 @@ class EvalConfig(_Section):
         True, description="generate for all clients' models in shared batches (each row its own "
         "client's LoRA tensors and mixing weights) instead of client after client",
     )
-    # FedDPA inference weighting
-    weighting: Literal["global", "local", "static", "dynamic"] = "dynamic"
-    weighting_convention: Literal["intent", "official"] = "intent"
-    static_weight: float = Field(0.5, ge=0, le=1)
-    dynamic_lambda: float = Field(0.5, ge=0, le=1)
-    dynamic_top_k: int = Field(5, ge=1)
-    dynamic_reference: int = Field(0, ge=0, description="max local training prompts embedded; 0 = all")
     # evaluation at population scale (text): see docs/population.md
     exact_max_clients: int = Field(
         100, ge=0, description="federations with at most this many clients are evaluated exactly (every "
@@ -272,19 +257,15 @@ class VisionConfig(_Section):
     )
     lora: bool = Field(False, description="LoRA in the backbone attention (QLoRA when nf4)")
     personal: bool = Field(False, description="also keep a private local adapter (FedDPA-style)")
+    personal_weight: float = Field(
+        0.5, ge=0, le=1, description="vision.personal: the local adapter's weight at inference (global 1 - w)"
+    )
     train_head: bool = Field(
         True, description="false: the head (prototypes / linear) stays at its shared seeded init and "
         "only the adapter trains (FedBABU-style)",
     )
     # long tail
     balanced_loss: bool = Field(False, description="balanced-softmax loss from client class counts")
-    gan: bool = Field(False, description="conditional feature GAN for rare/missing classes")
-    gan_noise_dim: int = Field(32, ge=1)
-    gan_hidden: int = Field(256, ge=8)
-    gan_steps: int = Field(50, ge=1, description="GAN steps per client per round")
-    gan_lr: float = Field(2e-3, gt=0)
-    gan_warmup_rounds: int = Field(1, ge=0, description="rounds before synthetic features are used")
-    gan_target: float = Field(0.5, gt=0, le=1, description="top up each class to this x max count")
     # data and federation
     dataset: Literal["cifar10", "parquet", "synthetic"] = Field(
         "cifar10", description="parquet: any vision.dir with train/test.parquet (image, label); "
@@ -377,7 +358,14 @@ class CommConfig(_Section):
     )
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
+    """The whole experiment: the shared sections below, plus the algorithm's own section
+    (``[feddpa]``, ``[hetlora]``, ...), declared by the algorithm's module and validated
+    through the registry (:mod:`fedblend.algorithms`). A config may carry the sections of
+    other algorithms too (one file for a comparison); each is validated against its schema."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = "experiment"
     algorithm: str = "fedit"
     seed: int = 42
@@ -397,15 +385,58 @@ class ExperimentConfig(_Section):
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, v: str) -> str:
-        known = TEXT_ALGORITHMS + VISION_ALGORITHMS
+        known = _registry().names()
         if v not in known:
             raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(known)}")
         return v
 
     @model_validator(mode="after")
+    def _algorithm_sections(self) -> ExperimentConfig:
+        """Every extra top-level table must be an algorithm's settings section; the chosen
+        algorithm's is filled with its defaults when absent, then the algorithm's ``check``."""
+        registry = _registry()
+        algo = registry.algorithm_class(self.algorithm)
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        schemas = registry.sections() if set(extra) - {algo.section} else {algo.section: algo.Settings}
+        for key, raw in list(extra.items()):
+            schema = schemas.get(key)
+            if schema is None:
+                raise ValueError(f"{key}: unknown key")
+            if isinstance(raw, schema):
+                continue
+            if not isinstance(raw, dict):
+                raise ValueError(f"{key}: expected a section ([{key}])")  # noqa: TRY004 (pydantic reports ValueError)
+            try:
+                extra[key] = schema.model_validate(raw)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ValueError(f"{key}.{where}: {msg.removeprefix('Value error, ')}") from None
+        if algo.section and algo.section not in extra:
+            extra[algo.section] = algo.Settings()
+        algo.check(self)
+        return self
+
+    def section(self, name: str) -> Any:
+        """The settings section ``[name]`` of an algorithm: as given, else its defaults."""
+        extra = self.__pydantic_extra__ or {}
+        if name in extra:
+            return extra[name]
+        schema = _registry().sections().get(name)
+        if schema is None:
+            raise KeyError(f"no algorithm declares a settings section [{name}]")
+        return schema()
+
+    @property
+    def modality(self) -> str:
+        """``"text"`` or ``"vision"``: the modality of the algorithm (its class declares it)."""
+        return _registry().algorithm_class(self.algorithm).modality
+
+    @model_validator(mode="after")
     def _sizes(self) -> ExperimentConfig:
         """Sizes that cannot fit the federation (its client count, as the config gives it)."""
-        if self.algorithm in VISION_ALGORITHMS:
+        if self.modality == "vision":
             return self
         n = len(self.data.clients) or self.data.num_clients
         where = "data.clients" if self.data.clients else "data.num_clients"
@@ -443,6 +474,23 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
+def is_inference_setting(key: str) -> bool:
+    """Whether ``section.key`` changes inference only (re-evaluation and sweeps may set it)."""
+    section, _, name = key.partition(".")
+    if section == "eval":
+        return True
+    schema = _registry().sections().get(section)
+    return schema is not None and name in schema.inference_only
+
+
+def _registry() -> Any:
+    """The algorithm registry. It sits above this module (the algorithms import the config), so
+    it is looked up at run time, as a plugin would be: the layering holds for imports."""
+    import importlib
+
+    return importlib.import_module("fedblend.algorithms")
+
+
 def _format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
@@ -450,11 +498,13 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
-    if loc and msg.startswith(f"{loc}.") and ":" in msg:  # a section's check naming its own key
-        loc = msg.split(":", 1)[0]
+    if (not loc or msg.startswith(f"{loc}.")) and ":" in msg:  # a check naming its own key
+        named = msg.split(":", 1)[0]
+        if named and " " not in named:
+            loc, msg = named, msg if loc else msg.split(":", 1)[1].strip()
     # a key given with --set is reported against that override, not the config file
     keys = [(o, o.split("=", 1)[0].strip()) for o in overrides or []]
-    unknown_section = first["type"] == "extra_forbidden"
+    unknown_section = first["type"] == "extra_forbidden" or msg == "unknown key"
     given = [o for o, k in keys if loc and (k == loc or (unknown_section and k.startswith(f"{loc}.")))]
     if given:
         return f"--set {given[-1]}: {msg.removeprefix(f'{loc}: ')}"
@@ -513,6 +563,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 REMOVED_KEYS: dict[str, str] = {
     "engine.kind": "removed: the command picks the engine (`fedblend run` in-process, "
     "`fedblend deploy` on Flower)",
+    "train.local_weight": "moved: FedDPA-T's local-phase mix is feddpa.local_weight; the vision "
+    "path's inference mix of vision.personal is vision.personal_weight",
+    **{f"train.{k}": f"moved to feddpa.{k}" for k in ("finetune_epochs", "local_phase_epochs", "global_phase_mix")},
+    **{f"eval.{k}": f"moved to feddpa.{k}" for k in (
+        "weighting", "weighting_convention", "static_weight", "dynamic_lambda", "dynamic_top_k", "dynamic_reference")},
+    "train.prox_mu": "moved to fedprox.mu (the fedprox algorithm's section)",
+    **{f"vision.{k}": f"moved to tripleplay.{k.removeprefix('gan_')}" for k in (
+        "gan_noise_dim", "gan_hidden", "gan_steps", "gan_lr", "gan_warmup_rounds", "gan_target")},
+    "vision.gan": "moved to tripleplay.gan",
 }
 """Keys that are gone or moved, each with the one line that says where (checked before the
 schema, so an old config fails with that line rather than 'unknown key')."""

@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
+from fedblend.config import ExperimentConfig
 from fedblend.modality import Modality
 
 
 def modality_for(cfg: ExperimentConfig) -> Modality:
     """The modality of ``cfg``'s algorithm (vision algorithms: vision; the rest: text)."""
-    if cfg.algorithm in VISION_ALGORITHMS:
+    if cfg.modality == "vision":
         from fedblend.vision.modality import VisionModality
 
         return VisionModality(cfg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedblend.config import TEXT_ALGORITHMS, VISION_ALGORITHMS, ExperimentConfig, config_from_dict
+from fedblend.config import ExperimentConfig, config_from_dict
 from fedblend.errors import ConfigError
 from fedblend.stats import fmt, paired
 from fedblend.store.files import atomic_write
@@ -74,7 +74,7 @@ def available(algorithm: str) -> bool:
     """Whether this build registers ``algorithm`` (extra rows are skipped otherwise)."""
     from fedblend import algorithms
 
-    return algorithm in (TEXT_ALGORITHMS + VISION_ALGORITHMS) and algorithm in algorithms._REGISTRY
+    return algorithm in algorithms.names()
 
 
 def budget_configs(paper: str, budget: str, overrides: list[str] | None = None) -> dict[str, ExperimentConfig]:
@@ -122,7 +122,7 @@ def _static_runs(runs: dict[str, list[Path]], weight: float, out: Path) -> list[
     for src in runs["feddpa_f"]:
         dst = out / "feddpa_f_static" / src.name
         if not RunDir(dst).complete:
-            evaluate_run(src, ["eval.weighting=static", f"eval.static_weight={weight}",
+            evaluate_run(src, ["feddpa.weighting=static", f"feddpa.static_weight={weight}",
                                "engine.progress=false"], dst)
         dirs.append(dst)
     return dirs

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedblend.algorithms.base import Algorithm, State
 from fedblend.comm.codec import Message, decode, encode
-from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
+from fedblend.config import ExperimentConfig
 from fedblend.device import system_info
 from fedblend.plain_progress import label, round_line, say
 from fedblend.store.clients import ClientStore
@@ -195,7 +195,9 @@ def complete_run(run: RunDir, summary: dict[str, Any]) -> None:
 def system_block(config: dict[str, Any]) -> dict[str, Any]:
     """summary.json's ``system``: device, dtype, backbone quantization, threads, versions."""
     model = config["model"]
-    if config["algorithm"] in VISION_ALGORITHMS:
+    from fedblend.algorithms import algorithm_class
+
+    if algorithm_class(config["algorithm"]).modality == "vision":
         quant = "nf4" if config["vision"]["nf4"] else "none"
     else:
         quant = model["quantization"]

@@ -22,7 +22,7 @@ import torch
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm, ClientContext, State, client_seed
 from fedblend.comm.codec import Message, decode, encode
-from fedblend.config import VISION_ALGORITHMS, ExperimentConfig
+from fedblend.config import ExperimentConfig
 from fedblend.engines.inprocess import local_dispatch
 from fedblend.modalities import modality_for
 from fedblend.modality import Modality, Prepared
@@ -109,7 +109,7 @@ def initial_states(algorithm, trainer, run: RunDir, client_ids: list[int], start
     else:
         counters = {"train_s": 0.0}
         server_state = algorithm.init_server_state(trainer)
-        if algorithm.cfg.algorithm in VISION_ALGORITHMS:
+        if algorithm.modality == "vision":
             # the vision trainer's fresh states re-seed the global RNG: its runs drew their
             # numbers after every client's initialisation, and still do
             for cid in client_ids:
@@ -246,22 +246,24 @@ def evaluate_and_summarize(
 
 
 def evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
-    """Re-evaluate a completed run with other ``eval.*`` settings (e.g. FedDPA weightings)
+    """Re-evaluate a completed run with other inference settings (``eval.*``, FedDPA's weightings)
     from the states its clients held after training; writes a new run directory."""
     with third_party_to(Path(out) / "run.log"):
         return _evaluate_run(source, overrides, out)
 
 
 def _evaluate_run(source: str | Path, overrides: list[str], out: str | Path) -> dict[str, Any]:
-    from fedblend.config import config_from_dict
+    from fedblend.config import config_from_dict, is_inference_setting
     from fedblend.errors import ConfigError, FedblendError
 
     src = RunDir(source)
     if not src.complete or not (src.path / "final" / "server.safetensors").is_file():
         raise FedblendError(f"{src.path}: not a completed run with final states (final/server.safetensors)")
-    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "engine."))]
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    bad = [o for o, k in zip(overrides, keys, strict=True) if not (k.startswith("engine.") or is_inference_setting(k))]
     if bad:
-        raise ConfigError(f"--set {bad[0]}: only eval.* and engine.* can change when re-evaluating")
+        raise ConfigError(f"--set {bad[0]}: only inference settings (eval.*, an algorithm's own such as "
+                          "feddpa.weighting) and engine.* can change when re-evaluating")
     cfg = config_from_dict(src.config(), overrides, source=str(src.path / "config.json"))
     run = RunDir(out)
     run.start(cfg.to_dict(), resume=False)

@@ -1,7 +1,7 @@
 """Re-score one finished run under a list of inference settings (``fedblend evaluate --sweep``).
 
-FedDPA's weighting ablations (``eval.weighting``, ``eval.dynamic_lambda``,
-``eval.dynamic_top_k``, ``eval.static_weight``) change inference only, so they are evaluated
+FedDPA's weighting ablations (``feddpa.weighting``, ``feddpa.dynamic_lambda``,
+``feddpa.dynamic_top_k``, ``feddpa.static_weight``) change inference only, so they are evaluated
 from the states one trained run left behind: no retraining, the same adapters for every
 setting. Each ``--sweep key=v1,v2,...`` is one axis; several axes form a grid. Every setting
 is written as a sub-run ``OUT/<setting>`` (a normal run directory, via
@@ -16,22 +16,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fedblend.config import config_from_dict, parse_override
+from fedblend.config import config_from_dict, is_inference_setting, parse_override
 from fedblend.errors import ConfigError, FedblendError
 from fedblend.store.files import atomic_write
 from fedblend.store.rundir import RunDir
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
-    """``["eval.dynamic_lambda=0.3,0.5"]`` -> ``[("eval.dynamic_lambda", ["0.3", "0.5"])]``."""
+    """``["feddpa.dynamic_lambda=0.3,0.5"]`` -> ``[("feddpa.dynamic_lambda", ["0.3", "0.5"])]``."""
     axes = []
     for item in items:
         key, sep, raw = item.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
         if not sep or not key.strip() or not values:
             raise ConfigError(f"--sweep {item!r}: expected section.key=value1,value2,...")
-        if not key.startswith("eval."):
-            raise ConfigError(f"--sweep {item}: only eval.* settings can be swept from one trained run")
+        if not is_inference_setting(key.strip()):
+            raise ConfigError(f"--sweep {item}: only settings that change inference only (eval.*, and an "
+                              "algorithm's own such as feddpa.weighting) can be swept from one trained run")
         parse_override(f"{key}={values[0]}")  # the key's shape is checked like --set's
         axes.append((key.strip(), values))
     return axes
@@ -45,7 +46,7 @@ def settings(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 def setting_label(setting: list[str]) -> str:
-    return ",".join(s.removeprefix("eval.") for s in setting)
+    return ",".join(s.split(".", 1)[1] for s in setting)
 
 
 def _dir_name(label: str) -> str:

@@ -26,7 +26,7 @@ def test_feddpa_t_deployment_matches_inprocess_bit_for_bit(tmp_path: Path, fitte
     # FedDPA-T on the fitted model (answers not empty): global adapters FedAvg'd by the
     # ServerApp, local ones trained and kept on the nodes, instance-wise (dynamic) weights at
     # evaluation; every answer, weight and adapter equal to the in-process run's
-    overrides = [*fitted_tiny, "algorithm='feddpa_t'", "eval.weighting='dynamic'"]
+    overrides = [*fitted_tiny, "algorithm='feddpa_t'", "feddpa.weighting='dynamic'"]
     summary, dep = deploy_local(TINY, 2, overrides, tmp_path / "flower", work=tmp_path / "work")
     assert dep.processes() == []  # nothing left behind: daemons, ServerApp, ClientApps, SuperExec
     ref = inprocess_reference(TINY, overrides, tmp_path / "inprocess")

@@ -53,7 +53,7 @@ def test_tiny_clip_zeroshot_and_local_send_no_tensors(tmp_path):
 
 def test_tiny_clip_domain_federation_reports_unseen(tmp_path):
     s = run_experiment(_smoke(tmp_path, "vision.federation='domain'", "algorithm='fedclip'",
-                              "vision.gan=false", "train.rounds=1"), tmp_path / "d")
+                              "tripleplay.gan=false", "train.rounds=1"), tmp_path / "d")
     assert s["accuracy"]["unseen_domain"] is not None
     assert s["data"]["unseen_test"] == s["data"]["global_test"]
 
@@ -64,7 +64,7 @@ def test_resume_continues_a_vision_run(tmp_path, monkeypatch):
     from fedblend.engines import inprocess
     from fedblend.store.rundir import RunDir
 
-    cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "train.rounds=3")
+    cfg = _smoke(tmp_path, "algorithm='fedclip'", "tripleplay.gan=false", "train.rounds=3")
     whole = run_experiment(cfg, tmp_path / "whole")
     original = inprocess.Transport.up
 
@@ -115,7 +115,7 @@ def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
 
     sent: list[bytes] = []
     out = tmp_path / "p"
-    run_experiment(_smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true"),
+    run_experiment(_smoke(tmp_path, "algorithm='fedclip'", "tripleplay.gan=false", "vision.personal=true"),
                    out, tap=lambda d, r, c, b: sent.append(b) if d == "up" else None)
     assert sent and all(list(decode(b).tensors) == ["global"] for b in sent)
     state = load_state(out / "clients" / "0.safetensors")
@@ -126,7 +126,7 @@ def test_personal_fedclip_keeps_a_private_adapter(tmp_path):
 
 def test_tripleplay_qlora_runs_on_full_forward_passes(tmp_path):
     s = run_experiment(_smoke(tmp_path, "vision.nf4=true", "vision.lora=true", "train.rounds=1",
-                              "vision.gan_warmup_rounds=0"), tmp_path / "q")
+                              "tripleplay.warmup_rounds=0"), tmp_path / "q")
     assert s["time"]["feature_cache"] == {"used": False, "hits": 0, "misses": 0}
     assert s["memory"]["nf4"] is True
     assert s["accuracy"]["overall"] is not None
@@ -152,7 +152,7 @@ def test_zeroshot_without_text_tower_is_a_config_error(tmp_path):
 def test_reevaluating_a_vision_run_reproduces_its_accuracy(tmp_path):
     from fedblend.runner import evaluate_run
 
-    cfg = _smoke(tmp_path, "algorithm='fedclip'", "vision.gan=false", "vision.personal=true")
+    cfg = _smoke(tmp_path, "algorithm='fedclip'", "tripleplay.gan=false", "vision.personal=true")
     s = run_experiment(cfg, tmp_path / "run")
     again = evaluate_run(tmp_path / "run", ["engine.threads=1"], tmp_path / "again")
     assert again["evaluated_from"] == str(tmp_path / "run")

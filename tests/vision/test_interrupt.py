@@ -17,7 +17,7 @@ from fedblend.runner import run_experiment
 from .conftest import REPO
 from .test_e2e import _smoke
 
-OVERRIDES = ["algorithm='fedavg_adapter'", "vision.gan=false", "train.rounds=4", "train.local_epochs=2",
+OVERRIDES = ["algorithm='fedavg_adapter'", "tripleplay.gan=false", "train.rounds=4", "train.local_epochs=2",
              "engine.threads=1"]  # one thread in both processes: bit-identical float sums
 
 

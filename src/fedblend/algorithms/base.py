@@ -107,6 +107,15 @@ class Algorithm(ABC):
                     raise ValueError(f"{key}: {cls.name}'s aggregation is not a mean of the clients' "
                                      "tensors; robust rules, update clipping and DP do not compose with it")
 
+    @classmethod
+    def label(cls, cfg: ExperimentConfig) -> str:
+        """The method's name in comparison tables (variants add their settings)."""
+        return cls.name
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Method-specific fields of summary.json."""
+        return {"weighting": None}
+
     @property
     def settings(self) -> Any:
         """This method's own settings section (``[<section>]``), validated, defaults filled."""

@@ -8,20 +8,30 @@ a private ``local`` adapter (FedDPA-style) and predicts with both.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+from pydantic import Field
+
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.algorithms.local import Local
 from fedblend.comm.codec import Message
+from fedblend.config import ExperimentConfig, Section
 from fedblend.errors import ConfigError
 from fedblend.vision.heads import STATS
+
+FEDCLIP = "Lu et al., IEEE Data Eng. Bull. 2023, arXiv 2302.13485"
 
 
 class FedCLIP(Algorithm):
     """FedAvg of the adapter (+ trainable head, + backbone LoRA), weighted by example count."""
 
     name = "fedclip"
+    modality = "vision"
+    paper = FEDCLIP
     shared_roles = ("global",)
     plain_average_keys = frozenset(STATS)  # feature standardisation: averaged, not stepped
     prox_mu = 0.0
+    vision_overrides: ClassVar[dict[str, Any]] = {}  # vision settings this method fixes (see effective_config)
 
     @property
     def personal(self) -> bool:
@@ -60,31 +70,47 @@ class FedCLIP(Algorithm):
 
     def eval_mix_weights(self) -> dict[str, float]:
         if self.personal:
-            a = self.cfg.train.local_weight
+            a = self.cfg.vision.personal_weight
             return {"global": 1 - a, "local": a}
         return {"global": 1.0}
 
 
 class FedAvgAdapter(FedCLIP):
     name = "fedavg_adapter"
+    paper = "McMahan et al., AISTATS 2017 (FedAvg) on the feature adapter"
+
+
+class FedProxSettings(Section):
+    """``[fedprox]``: the proximal weight."""
+
+    mu: float = Field(0.0, ge=0, description="weight of the proximal term mu/2 ||w - w_global||^2 (> 0)")
 
 
 class FedProx(FedCLIP):
     """FedAvg plus the proximal term ``mu/2 ||w - w_global||^2`` in every local step."""
 
     name = "fedprox"
+    paper = "Li et al., MLSys 2020, arXiv 1812.06127"
+    section = "fedprox"
+    Settings = FedProxSettings
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        if cfg.section("fedprox").mu <= 0:
+            raise ValueError("fedprox.mu: fedprox needs a proximal weight > 0")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        if cfg.train.prox_mu <= 0:
-            raise ConfigError("train.prox_mu: fedprox needs a proximal weight > 0")
-        self.prox_mu = cfg.train.prox_mu
+        self.prox_mu = self.settings.mu
 
 
 class LocalAdapter(Local):
     """Each client trains its own feature adapter on its own data; nothing travels."""
 
     name = "local_adapter"
+    modality = "vision"
+    paper = "each client alone (no federation)"
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
         tr = ctx.trainer
@@ -106,7 +132,16 @@ class ZeroShot(Algorithm):
     """CLIP only: cosine similarity to the class-prompt text features; no training, no bytes."""
 
     name = "zeroshot"
+    modality = "vision"
+    paper = "Radford et al., ICML 2021 (CLIP zero-shot)"
     shared_roles = ()
+    vision_overrides: ClassVar[dict[str, Any]] = {"adapter": "none", "head": "text"}
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        if cfg.vision.backbone not in ("clip", "tiny_clip", "module"):
+            raise ValueError("vision.backbone: zeroshot needs a CLIP backbone (vision.backbone = 'clip')")
 
     def init_server_state(self, trainer) -> State:
         if trainer.head != "text":
@@ -130,3 +165,5 @@ class LinearProbe(FedCLIP):
     """FedAvg of a linear classifier on frozen features (no adapter)."""
 
     name = "linear_probe"
+    paper = "FedAvg of a linear head on frozen features"
+    vision_overrides: ClassVar[dict[str, Any]] = {"adapter": "none", "head": "linear"}

@@ -26,10 +26,11 @@ def train_global(
 
 class FedIT(Algorithm):
     name = "fedit"
+    paper = "Zhang et al., ICASSP 2024, arXiv 2305.05644"
     shared_roles = ("global",)
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
-        return train_global(ctx, payload, self.cfg.train.local_epochs, self.cfg.train.prox_mu), state
+        return train_global(ctx, payload, self.cfg.train.local_epochs), state
 
     def eval_adapters(self, final: Message, state: State) -> State:
         return {"global": final.tensors["global"]}
@@ -39,4 +40,5 @@ class Centralized(FedIT):
     """One LoRA trained on the pooled data of all clients: the upper reference."""
 
     name = "centralized"
+    paper = "one LoRA on the pooled data (upper reference)"
     pools_data = True

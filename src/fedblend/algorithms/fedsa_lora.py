@@ -18,6 +18,7 @@ from fedblend.comm.codec import Message
 
 class FedSALoRA(Algorithm):
     name = "fedsa_lora"
+    paper = "Guo et al., ICLR 2025, arXiv 2410.01463"
     shared_roles = ("lora_A",)
 
     def init_server_state(self, trainer) -> State:

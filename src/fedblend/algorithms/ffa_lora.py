@@ -19,6 +19,7 @@ from fedblend.comm.codec import Message
 
 class FFALoRA(Algorithm):
     name = "ffa_lora"
+    paper = "Sun et al., ICLR 2024, arXiv 2403.12313"
     shared_roles = ("lora_B",)
 
     def _init(self, trainer) -> dict:

@@ -8,6 +8,7 @@ from fedblend.comm.codec import Message
 
 class Local(Algorithm):
     name = "local"
+    paper = "each client alone (no federation)"
     shared_roles = ()
 
     def init_server_state(self, trainer) -> State:

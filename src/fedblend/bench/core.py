@@ -47,7 +47,8 @@ FLAN8 = {
     "model": {"source": "smollm2", "max_length": 256},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
     "data": {"kind": "instructions", "layout": "file_per_client"},
-    "eval": {"batch_size": 16, "metric": "rougeL", "weighting": "dynamic", "dynamic_top_k": 5},
+    "eval": {"batch_size": 16, "metric": "rougeL"},
+    "feddpa": {"weighting": "dynamic", "dynamic_top_k": 5},
 }
 SCALES: dict[str, dict[str, Any]] = {
     # quick: the shipped flan8 configs' batch shape (16 / micro-batch 8), fewer clients and steps

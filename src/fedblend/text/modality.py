@@ -195,8 +195,7 @@ def build_summary(
         "rounds": cfg.train.rounds,
         "seed": cfg.seed,
         "metric": cfg.eval.metric,
-        "weighting": {"mode": cfg.eval.weighting, "convention": cfg.eval.weighting_convention}
-        if cfg.algorithm.startswith("feddpa") else None,
+        **algorithm.summary_fields(),
         **scores,
         "comm": {
             "bytes_up": comm["bytes_up"],

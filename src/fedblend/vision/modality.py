@@ -22,12 +22,14 @@ ROUND_ACCURACY = "eval/accuracy_per_round.json"
 
 
 def effective_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """zeroshot and linear_probe have no adapter; linear_probe trains a linear head."""
-    if cfg.algorithm == "zeroshot":
-        return cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"adapter": "none", "head": "text"})})
-    if cfg.algorithm == "linear_probe":
-        return cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"adapter": "none", "head": "linear"})})
-    return cfg
+    """The vision settings the algorithm fixes (its ``vision_overrides``: zeroshot and
+    linear_probe have no adapter; linear_probe trains a linear head)."""
+    from fedblend.algorithms import algorithm_class
+
+    fixed = getattr(algorithm_class(cfg.algorithm), "vision_overrides", {})
+    if not fixed:
+        return cfg
+    return cfg.model_copy(update={"vision": cfg.vision.model_copy(update=fixed)})
 
 
 class _PerRoundEval:

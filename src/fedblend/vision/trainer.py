@@ -19,7 +19,7 @@ from fedblend.config import ExperimentConfig
 from fedblend.errors import ConfigError
 from fedblend.vision.backbones import VisionBackbone
 from fedblend.vision.cache import FeatureCache
-from fedblend.vision.heads import FeatureModel, Generator, balanced_softmax_loss, contrastive_loss
+from fedblend.vision.heads import FeatureModel, balanced_softmax_loss, contrastive_loss
 from fedblend.vision.images import ImageExample, pixels
 
 Tensors = dict[str, torch.Tensor]
@@ -56,18 +56,13 @@ class RoleStore:
 
     def fresh(self, role: str, seed: int) -> Tensors:
         torch.manual_seed(seed)
-        if role == "generator":
-            v = self.t.v
-            gen = Generator(v.gan_noise_dim, self.t.n_classes, v.gan_hidden, self.t.dim)
-            out = {k: p.detach().clone() for k, p in gen.state_dict().items()}
-        else:
-            out = {k: p.detach().clone() for k, p in self.t.new_model().trainable().items()}
-            g = torch.Generator().manual_seed(seed)
-            for name, p in self.t.lora_params().items():
-                if "lora_A" in name:
-                    out[LORA + name] = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
-                else:
-                    out[LORA + name] = torch.zeros(p.shape)
+        out = {k: p.detach().clone() for k, p in self.t.new_model().trainable().items()}
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.t.lora_params().items():
+            if "lora_A" in name:
+                out[LORA + name] = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
+            else:
+                out[LORA + name] = torch.zeros(p.shape)
         self.state[role] = out
         return {k: v.clone() for k, v in out.items()}
 
@@ -94,8 +89,6 @@ class VisionTrainer:
         v = self.v
         self.head = v.head if v.head != "auto" else ("text" if backbone.text_features is not None else "cosine")
         if self.head == "text" and backbone.text_features is None:
-            if cfg.algorithm == "zeroshot":
-                raise ConfigError("algorithm: zeroshot needs a CLIP backbone (vision.backbone = 'clip')")
             raise ConfigError("vision.head: 'text' needs a backbone with a text tower (CLIP)")
         if self.head == "text" and v.feature_norm == "standardize":
             raise ConfigError("vision.feature_norm: 'standardize' moves image features out of CLIP's "
