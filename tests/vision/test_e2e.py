@@ -141,12 +141,12 @@ def test_zeroshot_without_text_tower_is_a_config_error(tmp_path):
     from fedblend.config import config_from_dict
     from fedblend.errors import ConfigError
 
-    cfg = config_from_dict({"algorithm": "zeroshot", "engine": {"progress": False},
-                            "vision": {"backbone": "efficientnet_lite0", "dataset": "synthetic",
-                                       "image_size": 32, "cache_dir": ""},
-                            "data": {"num_clients": 2}})
-    with pytest.raises(ConfigError, match="algorithm: zeroshot"):
-        run_experiment(cfg, tmp_path / "z")
+    raw = {"algorithm": "zeroshot", "engine": {"progress": False},
+           "vision": {"backbone": "efficientnet_lite0", "dataset": "synthetic", "image_size": 32, "cache_dir": ""},
+           "data": {"num_clients": 2}}
+    with pytest.raises(ConfigError, match="vision.backbone: zeroshot needs a CLIP backbone"):
+        config_from_dict(raw)  # refused when the config loads, before any run directory exists
+    assert not (tmp_path / "z").exists()
 
 
 def test_reevaluating_a_vision_run_reproduces_its_accuracy(tmp_path):
