@@ -122,6 +122,15 @@ class DualLoRA:
         self.scale[role] = float(s)
         self._apply_mix(self.mix_weights)
 
+    def attach(self, role: str, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Register tensors that are not a PEFT LoRA adapter (FedALT's per-layer router) under
+        ``role``, so :meth:`get` / :meth:`set` (checkpoints, evaluation's ``load_into``) handle
+        them like an adapter's. The role is not in :attr:`roles`: it takes no part in mixing,
+        training selection or export, and cross-client batched evaluation leaves it alone."""
+        if role in self.roles:
+            raise ValueError(f"'{role}' is a LoRA role of this model")
+        self.params[role] = dict(params)
+
     def num_parameters(self, role: str) -> int:
         return sum(p.numel() for p in self.params[role].values())
 

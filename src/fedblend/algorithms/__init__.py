@@ -32,6 +32,8 @@ _REGISTRY: dict[str, str] = {
     "feddpa_f": "fedblend.algorithms.feddpa:FedDPAF",
     "fedsa_lora": "fedblend.algorithms.fedsa_lora:FedSALoRA",
     "ffa_lora": "fedblend.algorithms.ffa_lora:FFALoRA",
+    "fedalt": "fedblend.algorithms.fedalt:FedALT",
+    "scaffold": "fedblend.algorithms.scaffold:Scaffold",
     # vision (TriplePlay's paper and its baselines)
     "zeroshot": "fedblend.algorithms.fedclip:ZeroShot",
     "linear_probe": "fedblend.algorithms.fedclip:LinearProbe",

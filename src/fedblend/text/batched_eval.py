@@ -47,8 +47,9 @@ def batchable(trainer, adapters: Mapping[int, State]) -> bool:
     if len(roles) != 1:
         return False
     own = trainer.adapters.params
+    lora = trainer.adapters.roles  # attached non-LoRA roles (FedALT's router) cannot be row-selected
     return all(
-        role in own and set(tensors) == set(own[role]) for a in adapters.values() for role, tensors in a.items()
+        role in lora and set(tensors) == set(own[role]) for a in adapters.values() for role, tensors in a.items()
     )
 
 

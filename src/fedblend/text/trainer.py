@@ -23,6 +23,7 @@ from fedblend.text.backbone import format_prompt
 from fedblend.text.sources import Example
 
 ProgressFn = Callable[[int], None]
+StepFn = Callable[[float], None]  # called around each optimizer step with its learning rate
 # per-batch context around the forward, given the batch's instruction indices (cross-client
 # batched evaluation selects each row's client adapters with it)
 BatchContextFn = Callable[[list[int]], contextlib.AbstractContextManager[None]]
@@ -85,12 +86,19 @@ class TextTrainer:
         prox: tuple[float, Mapping[str, torch.Tensor]] | None = None,
         progress: ProgressFn | None = None,
         frozen: tuple[str, ...] = (),
+        extra_params: Sequence[torch.nn.Parameter] = (),
+        before_step: StepFn | None = None,
+        after_step: StepFn | None = None,
     ) -> dict[str, float]:
         """Train the ``trainable`` roles with AdamW and a linear decay; returns loss stats.
 
         ``mix`` gives each role's weight in the forward pass; roles not trainable are held
         under stop-gradient, and so are the tensor kinds in ``frozen`` (e.g. ``("lora_A",)``).
-        ``prox=(mu, reference)`` adds FedProx's proximal term.
+        ``prox=(mu, reference)`` adds FedProx's proximal term. ``extra_params``: tensors that
+        are not LoRA roles trained beside them (FedALT's router; the caller sets their
+        ``requires_grad``). ``before_step(lr)`` runs after gradient clipping, just before each
+        optimizer step, and ``after_step(lr)`` just after it, with that step's learning rate
+        (SCAFFOLD's gradient and post-step corrections).
         """
         tc = self.cfg.train
         data = self.tokenize(key, examples)
@@ -99,7 +107,7 @@ class TextTrainer:
         rng = random.Random(seed)
         torch.manual_seed(seed)
         self.adapters.set_trainable(trainable, frozen)
-        params = self.adapters.trainable_parameters()
+        params = self.adapters.trainable_parameters() + list(extra_params)
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         warm = int(tc.warmup_ratio * steps)
 
@@ -136,7 +144,12 @@ class TextTrainer:
                         total += float(loss_sum.detach()) / n_tokens
                     if tc.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                    lr_now = float(opt.param_groups[0]["lr"])
+                    if before_step:
+                        before_step(lr_now)
                     opt.step()
+                    if after_step:
+                        after_step(lr_now)
                     sched.step()
                     losses.append(total)
                     if progress:

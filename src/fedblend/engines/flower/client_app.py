@@ -84,7 +84,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         # the server exports the global adapter from the final payload where it travels in
         # one piece; where it is built from private state (FFA-LoRA's A), the node exports it
         from_server = role == "global" and "global" in final.tensors
-        if not from_server and node.modality.export_local:
+        peft = role in trainer.adapters.roles  # attached tensors (FedALT's router) stay in the state
+        if not from_server and peft and node.modality.export_local:
             path = node.run_dir / "adapters" / role / f"client_{cid}"
             trainer.adapters.export(role, tensors, path)
             exports[role] = str(path)
