@@ -11,9 +11,10 @@ import torch
 from conftest import fitted_raw, informative, tiny_raw
 
 from fedblend.adapters.router import ROUTER, route, router_for
-from fedblend.algorithms.fedalt import FedALT, FedALTSettings, rest_of_world
+from fedblend.algorithms.fedalt import FedALT, rest_of_world
 from fedblend.comm.codec import Message, decode
 from fedblend.config import config_from_dict
+from fedblend.errors import ConfigError
 from fedblend.rounds import ProtocolViolation, check_roles
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
@@ -38,7 +39,7 @@ def test_rest_of_world_excludes_own_lora_n3_uniform_and_by_examples():
     assert torch.allclose(pay[0], torch.tensor([2.0, 3.0]))  # mean of clients 1 and 2
     assert torch.allclose(pay[1], torch.tensor([2.5, 2.0]))
     assert torch.allclose(pay[2], torch.tensor([0.5, 1.0]))
-    algo._settings = FedALTSettings(row_weights="examples")  # TODO(registry): fedalt.row_weights
+    algo = FedALT(_cfg(fedalt={"row_weights": "examples"}))
     state = algo.aggregate(0, {0: _up([1.0, 0.0], 1), 1: _up([0.0, 2.0], 3), 2: _up([4.0, 4.0], 4)}, _server(3))
     pay = algo.configure_round(1, state, [0])[0].tensors["row"]["w"]
     assert torch.allclose(pay, torch.tensor([16.0, 22.0]) / 7)  # (3 [0, 2] + 4 [4, 4]) / 7
@@ -61,11 +62,11 @@ def test_rest_of_world_of_two_clients_is_the_other_ones_and_round_0_is_the_init(
 
 
 def test_one_client_is_refused():
-    with pytest.raises(ValueError, match="data.num_clients"):
-        FedALT.check(_cfg(data={"num_clients": 1}, train={"clients_per_round": 0}))
-    with pytest.raises(ValueError, match="aggregate.rule"):
-        FedALT.check(_cfg(aggregate={"rule": "median"}))
-    FedALT.check(_cfg())
+    with pytest.raises(ConfigError, match="data.num_clients: fedalt needs at least 2 clients"):
+        _cfg(data={"num_clients": 1})
+    for section in ({"aggregate": {"rule": "median"}}, {"privacy": {"clip": 1.0}}, {"train": {"server_lr": 0.5}}):
+        with pytest.raises(ConfigError, match=next(iter(section))):
+            _cfg(**section)
 
 
 def test_router_mixes_the_two_loras_per_token_by_softmax():

@@ -14,6 +14,7 @@ from fedblend.algorithms import scaffold as sc
 from fedblend.algorithms.base import ClientContext
 from fedblend.comm.codec import Message, decode
 from fedblend.config import config_from_dict
+from fedblend.errors import ConfigError
 from fedblend.runner import run_experiment
 
 
@@ -65,8 +66,8 @@ def trainer(tiny_cfg):
 
 
 def _round(cfg, tr, fed, variant, monkeypatch):
-    algo = sc.Scaffold(cfg)
-    algo._settings = sc.ScaffoldSettings(variant=variant)  # TODO(registry): --set scaffold.variant
+    algo = sc.Scaffold(config_from_dict(tiny_raw(algorithm="scaffold", scaffold={"variant": variant})))
+    assert algo.settings.variant == variant
     calls = {"correct": [], "grad": 0}
     real_correct, real_grad = sc.correct_step, sc.add_to_gradients
 
@@ -125,9 +126,11 @@ def test_pure_variant_adds_the_correction_to_the_gradient(trainer, monkeypatch):
 
 
 def test_refuses_rules_that_replace_its_aggregation(tiny_cfg):
-    with pytest.raises(ValueError, match="aggregate.rule"):
-        sc.Scaffold.check(tiny_cfg(algorithm="scaffold", aggregate={"rule": "median"}))
-    sc.Scaffold.check(tiny_cfg(algorithm="scaffold"))
+    with pytest.raises(ConfigError, match="aggregate.rule"):
+        tiny_cfg(algorithm="scaffold", aggregate={"rule": "median"})
+    with pytest.raises(ConfigError, match="scaffold.variant"):
+        tiny_cfg(algorithm="scaffold", scaffold={"variant": "option1"})
+    assert sc.Scaffold.label(tiny_cfg(algorithm="scaffold", scaffold={"variant": "pure"})) == "scaffold (pure)"
 
 
 def _tensor_bytes(msg) -> int:

@@ -38,11 +38,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from fedblend.adapters.router import ROUTER, router_for
 from fedblend.algorithms.base import Algorithm, ClientContext, State, Tensors
 from fedblend.comm.codec import Message
+from fedblend.config import ExperimentConfig, Section
 
 INDIVIDUAL = "individual"  # message role of an upload, and the server's weighted sum of them
 INIT = "init"  # the round-0 RoW (A Kaiming, B = 0)
@@ -50,11 +51,13 @@ WEIGHTS = "row_weight"  # cid -> w_j of the client's cached upload
 PREFIX = "individual."  # server state: each client's latest upload
 
 
-class FedALTSettings(BaseModel):
+class FedALTSettings(Section):
     """``[fedalt]``."""
 
-    model_config = ConfigDict(extra="forbid")
-    row_weights: Literal["uniform", "examples"] = "uniform"
+    row_weights: Literal["uniform", "examples"] = Field(
+        "uniform", description="weights of the other clients' LoRAs in a client's rest-of-world mean: "
+        "uniform (the official code) or their training examples",
+    )
 
 
 def rest_of_world(total: Tensors, w_total: float, own: Tensors | None, w_own: float) -> Tensors | None:
@@ -92,14 +95,13 @@ class FedALT(Algorithm):
     shared_roles = (INDIVIDUAL,)
     mean_aggregation = False  # a RoW per client (a mean that excludes the client), not one mean
 
-    @property
-    def settings(self) -> Any:
-        # TODO(registry): drop this fallback once cfg.section lands on main
-        section = getattr(self.cfg, "section", None)
-        return section(self.section) if section else getattr(self, "_settings", None) or FedALTSettings()
+    @classmethod
+    def label(cls, cfg: ExperimentConfig) -> str:
+        w = cfg.section(cls.section).row_weights
+        return cls.name if w == "uniform" else f"{cls.name} ({w})"
 
     @classmethod
-    def check(cls, cfg) -> None:
+    def check(cls, cfg: ExperimentConfig) -> None:
         super().check(cfg)
         n = len(cfg.data.clients) or cfg.data.num_clients
         if n < 2:

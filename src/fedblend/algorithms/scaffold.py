@@ -37,20 +37,23 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from fedblend.aggregation.fedavg import weighted_mean
 from fedblend.algorithms.base import Algorithm, ClientContext, State, Tensors
 from fedblend.comm.codec import Message
+from fedblend.config import ExperimentConfig, Section
 
 CONTROL = "control"
 
 
-class ScaffoldSettings(BaseModel):
+class ScaffoldSettings(Section):
     """``[scaffold]``."""
 
-    model_config = ConfigDict(extra="forbid")
-    variant: Literal["option2", "pure"] = "option2"
+    variant: Literal["option2", "pure"] = Field(
+        "option2", description="option2: y <- y - lr (c - c_i) after every optimizer step (OpenFedLLM); "
+        "pure: (c - c_i) added to the gradient before every step",
+    )
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -88,11 +91,9 @@ class Scaffold(Algorithm):
     shared_roles = ("global", CONTROL)
     mean_aggregation = False  # c is an unweighted sum over N clients, not a mean of the updates
 
-    @property
-    def settings(self) -> Any:
-        # TODO(registry): drop this fallback once cfg.section lands on main
-        section = getattr(self.cfg, "section", None)
-        return section(self.section) if section else getattr(self, "_settings", None) or ScaffoldSettings()
+    @classmethod
+    def label(cls, cfg: ExperimentConfig) -> str:
+        return cls.name if cfg.section(cls.section).variant == "option2" else f"{cls.name} (pure)"
 
     # ---- state -----------------------------------------------------------------------------
     def init_server_state(self, trainer) -> State:
