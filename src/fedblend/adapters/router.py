@@ -62,6 +62,8 @@ class TokenRouter:
         def hook(layer, args, kwargs):
             x = args[0] if args else kwargs["x"]
             g = route(x, weight)
+            for role, s in self._saved.pop(id(layer), {}).items():  # a forward that raised midway
+                layer.scaling[role] = s
             saved = {r: layer.scaling[r] for r in self.roles if r in layer.scaling}
             self._saved[id(layer)] = saved
             for k, role in enumerate(self.roles):
