@@ -26,7 +26,9 @@ def screen_updates(
     algorithm: Any, cfg: ExperimentConfig, updates: dict[int, Message], server_state: dict
 ) -> tuple[dict[int, Message], dict[int, str]]:
     roles = tuple(algorithm.shared_roles)
-    return screen(updates, server_state, roles, cfg.aggregate.max_update_norm)
+    expected = getattr(algorithm, "expected_update", None)  # rank-r_i updates: their own shapes
+    return screen(updates, server_state, roles, cfg.aggregate.max_update_norm,
+                  (lambda cid, msg: expected(cid, server_state, msg)) if expected else None)
 
 
 def skip_reason(cfg: ExperimentConfig, accepted: int, expected_any: bool) -> str | None:

@@ -6,6 +6,7 @@ rejects NaN/Inf, and (optionally) deltas whose L2 norm exceeds ``aggregate.max_u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -54,19 +55,23 @@ def problem(update: Message, server_state: State, shared_roles: tuple[str, ...],
 
 
 def screen(
-    updates: dict[int, Message], server_state: State, shared_roles: tuple[str, ...], max_norm: float
+    updates: dict[int, Message], server_state: State, shared_roles: tuple[str, ...], max_norm: float,
+    expected: Callable[[int, Message], State] | None = None,
 ) -> tuple[dict[int, Message], dict[int, str]]:
-    """Decompress and validate every update: ``(accepted, rejected {cid: reason})``."""
+    """Decompress and validate every update: ``(accepted, rejected {cid: reason})``.
+    ``expected(cid, update)``: the state that client's update is checked against (default the
+    server's; see ``Algorithm.expected_update``)."""
     accepted: dict[int, Message] = {}
     rejected: dict[int, str] = {}
     for cid, msg in updates.items():
+        reference = expected(cid, msg) if expected is not None else server_state
         try:
-            full = decompress(msg, server_state)
+            full = decompress(msg, reference)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as e:
             # a malformed compressed form is the client's fault, not the run's
             rejected[cid] = f"malformed compressed update ({e.__class__.__name__}: {e})"
             continue
-        reason = problem(full, server_state, shared_roles, max_norm)
+        reason = problem(full, reference, shared_roles, max_norm)
         if reason is None:
             accepted[cid] = full
         else:

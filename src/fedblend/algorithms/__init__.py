@@ -34,6 +34,8 @@ _REGISTRY: dict[str, str] = {
     "ffa_lora": "fedblend.algorithms.ffa_lora:FFALoRA",
     "fedalt": "fedblend.algorithms.fedalt:FedALT",
     "scaffold": "fedblend.algorithms.scaffold:Scaffold",
+    "flexlora": "fedblend.algorithms.flexlora:FlexLoRA",
+    "hetlora": "fedblend.algorithms.hetlora:HetLoRA",
     # vision (TriplePlay's paper and its baselines)
     "zeroshot": "fedblend.algorithms.fedclip:ZeroShot",
     "linear_probe": "fedblend.algorithms.fedclip:LinearProbe",

@@ -146,6 +146,14 @@ class Algorithm(ABC):
                 new[role] = weighted_mean(items)
         return self.server_update(new, server_state)
 
+    def expected_update(self, cid: int, server_state: State, update: Message) -> State:
+        """What an update from client ``cid`` is screened against (tensor names, shapes, dtypes;
+        ``aggregate.max_update_norm``) and decompressed onto: the server's state by default.
+        Methods whose clients send other shapes (heterogeneous ranks) return what that client
+        was sent; ``update`` (as received, maybe compressed) only selects among shapes the
+        server allows, a wrong shape is still rejected with its reason."""
+        return server_state
+
     def server_update(self, new: State, server_state: State) -> State:
         """The server optimizer on the aggregate ``new`` of the round that started from
         ``server_state``: with ``train.server_lr`` / ``train.server_momentum`` the FedAvgM step

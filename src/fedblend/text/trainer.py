@@ -89,6 +89,7 @@ class TextTrainer:
         extra_params: Sequence[torch.nn.Parameter] = (),
         before_step: StepFn | None = None,
         after_step: StepFn | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Train the ``trainable`` roles with AdamW and a linear decay; returns loss stats.
 
@@ -99,6 +100,8 @@ class TextTrainer:
         ``requires_grad``). ``before_step(lr)`` runs after gradient clipping, just before each
         optimizer step, and ``after_step(lr)`` just after it, with that step's learning rate
         (SCAFFOLD's gradient and post-step corrections).
+        ``penalty()``: a differentiable regulariser of the live adapter tensors, added to the
+        loss at every step (HetLoRA's rank penalty).
         """
         tc = self.cfg.train
         data = self.tokenize(key, examples)
@@ -140,6 +143,8 @@ class TextTrainer:
                             mu, ref = prox
                             frac = len(ids) / len(batch)
                             loss = loss + frac * (mu / 2) * _sq_dist(self.adapters, trainable, ref)
+                        if penalty is not None:
+                            loss = loss + len(ids) / len(batch) * penalty().to(loss.device)
                         loss.backward()
                         total += float(loss_sum.detach()) / n_tokens
                     if tc.max_grad_norm > 0:

@@ -1,0 +1,162 @@
+"""FlexLoRA and HetLoRA end to end in-process (clients at ranks 4, 2, 2, 1), the screening of
+rank-r_i updates against their own shapes, and the combinations the methods refuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _merged, tiny_raw
+
+from fedblend.adapters.lora import rank_of, truncate_rank
+from fedblend.aggregation import lowrank
+from fedblend.algorithms import flexlora as flex_mod
+from fedblend.algorithms import hetlora as het_mod
+from fedblend.algorithms.flexlora import FlexLoRA
+from fedblend.algorithms.hetlora import HetLoRA, HetLoRASettings
+from fedblend.comm.codec import Message, decode
+from fedblend.config import config_from_dict
+from fedblend.runner import run_experiment
+from fedblend.store.files import load_state
+from fedblend.trust import screen_updates
+
+RANKS = [4, 2, 2, 1]
+
+
+def _raw(algo: str, **sections) -> dict:
+    raw = tiny_raw(algorithm=algo, lora={"r": 4, "alpha": 8, "dropout": 0.0, "client_ranks": RANKS},
+                   data={"kind": "synthetic", "num_clients": 4, "synthetic_train_per_client": 8,
+                         "synthetic_test_per_task": 2})
+    return _merged(raw, sections)
+
+
+def _run(tmp_path: Path, algo: str, **sections):
+    sent: list[tuple[str, int, int, bytes]] = []
+    cfg = config_from_dict(_raw(algo, **sections))
+    out = tmp_path / algo
+    summary = run_experiment(cfg, out, tap=lambda *a: sent.append(a))
+    return cfg, summary, out, [(d, r, c, data, decode(data)) for d, r, c, data in sent]
+
+
+def _tensor_bytes(msg: Message) -> int:
+    return sum(t.numel() * t.element_size() for ts in msg.tensors.values() for t in ts.values())
+
+
+def test_flexlora_sends_rank_ri_factors_and_keeps_the_svd_truncation(tmp_path: Path):
+    cfg, summary, out, msgs = _run(tmp_path, "flexlora")
+    assert (out / "summary.json").is_file() and summary["algorithm"] == "flexlora"
+    ups = {(r, c): (data, m) for d, r, c, data, m in msgs if d == "up"}
+    assert sorted(ups) == [(r, c) for r in (0, 1) for c in range(4)]
+    for (_, c), (_, m) in ups.items():
+        assert rank_of(m.tensors["global"]) == RANKS[c]
+    for d, r, c, _, m in msgs:  # every payload of a training round at the client's rank
+        if d == "down" and r < cfg.train.rounds:
+            assert rank_of(m.tensors["global"]) == RANKS[c]
+    # bytes: the rank-1 client sends a quarter of the rank-4 client's tensors; the rest is the
+    # safetensors header (names, shapes), the same size give or take a few digits
+    big, small = ups[(1, 0)], ups[(1, 3)]
+    assert _tensor_bytes(small[1]) * 4 == _tensor_bytes(big[1])
+    assert abs((len(small[0]) - _tensor_bytes(small[1])) - (len(big[0]) - _tensor_bytes(big[1]))) < 64
+    assert summary["comm"]["bytes_up"] == sum(len(data) for data, _ in ups.values())
+    # the server's global adapter is the rank-4 truncation of sum_i p_i s_i B_i A_i of the
+    # last round's uploads (equal data sizes: p_i = 1/4; constant scaling s = alpha / r = 2)
+    server = load_state(out / "final" / "server.safetensors")["global"]
+    last = [ups[(1, c)][1] for c in range(4)]
+    n = sum(m.num_examples for m in last)
+    for prefix, kinds in lowrank.layers(server).items():
+        dense = sum(m.num_examples / n * 2.0 * m.tensors["global"][kinds["lora_B"]].double()
+                    @ m.tensors["global"][kinds["lora_A"]].double() for m in last)
+        u, s, vh = torch.linalg.svd(dense)
+        best = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        got = 2.0 * server[kinds["lora_B"]].double() @ server[kinds["lora_A"]].double()
+        assert torch.allclose(got, best, atol=1e-5), prefix
+        assert s[4] > 1e-3 * s[0]  # dW_g has rank > 4 here: the truncation is not a no-op
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == {} and r["aggregation"]["rule"] == "flexlora" for r in rounds)
+    assert 0 < rounds[-1]["aggregation"]["energy_kept"] < 1
+
+
+def test_hetlora_prunes_ranks_and_the_server_remembers_them(tmp_path: Path, monkeypatch):
+    # a strong penalty on the last half of the ranks: its norm product falls in local training
+    # from round 1 on (round 0 starts from B = 0: nothing to fall from), so ranks shrink
+    st = HetLoRASettings(gamma=0.5, lam=50.0, r_min=1)
+    monkeypatch.setattr(het_mod, "settings_of", lambda alg: st)
+    cfg, _, out, msgs = _run(tmp_path, "hetlora", train={"rounds": 3},
+                             engine={"progress": False, "checkpoint_every": 1})
+    ups = {(r, c): m for d, r, c, _, m in msgs if d == "up"}
+    downs = {(r, c): m for d, r, c, _, m in msgs if d == "down" and r < cfg.train.rounds}
+    assert [rank_of(ups[(0, c)].tensors["global"]) for c in range(4)] == RANKS  # round 0: no fall
+    expect = list(RANKS)
+    for rnd in (1, 2):
+        for c in range(4):
+            m = ups[(rnd, c)]
+            assert rank_of(downs[(rnd, c)].tensors["global"]) == expect[c]  # what the server sent
+            before, after = m.metrics["tail_norm_before"], m.metrics["tail_norm_after"]
+            r_new = max(1, expect[c] // 2) if after < before else expect[c]
+            assert rank_of(m.tensors["global"]) == r_new == m.config["rank"] == m.metrics["rank"]
+            expect[c] = r_new
+    assert expect != RANKS and all(e <= r for e, r in zip(expect, RANKS, strict=True))
+    # the checkpointed server state (what a resumed run starts from) holds every client's rank
+    server = load_state(out / "checkpoint" / "v3" / "server.safetensors")
+    assert {k: int(v) for k, v in server["hetlora_ranks"].items()} == {str(c): expect[c] for c in range(4)}
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["rejected"] == {} and last["aggregation"]["ranks"] == {str(c): expect[c] for c in range(4)}
+    assert (out / "summary.json").is_file()
+
+
+def _fake_state(r: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"global": {"m.lora_A.weight": torch.randn(r, 6, generator=g),
+                       "m.lora_B.weight": torch.randn(5, r, generator=g)}}
+
+
+def test_screening_checks_each_update_against_its_clients_rank():
+    cfg = config_from_dict(_raw("flexlora"))
+    alg, server = FlexLoRA(cfg), _fake_state()
+    good = Message({"global": alg.payload_for(3, server)}, 4)
+    wrong = Message({"global": alg.payload_for(0, server)}, 4)  # rank 4 from a rank-2 client
+    ok, rejected = screen_updates(alg, cfg, {3: good, 1: wrong}, server)
+    assert set(ok) == {3}
+    assert rejected == {1: "global/m.lora_A.weight: shape [4, 6], expected [2, 6]"}
+    # HetLoRA: the rank sent, or the pruned one the update declares; nothing else
+    cfg = config_from_dict(_raw("hetlora"))
+    alg = HetLoRA(cfg)
+    st = HetLoRASettings()
+    pruned = lowrank.prune_rank(4, st.gamma, st.r_min, 1.0, 0.0)  # floor(0.99 * 4) = 3
+    same = Message({"global": truncate_rank(server["global"], 4)}, 4, config={"rank": 4})
+    cut = Message({"global": truncate_rank(server["global"], pruned)}, 4, config={"rank": pruned})
+    lie = Message({"global": truncate_rank(server["global"], 2)}, 4, config={"rank": 3})
+    ok, rejected = screen_updates(alg, cfg, {0: same, 1: cut, 2: lie}, {**server, "hetlora_ranks": {
+        "1": torch.tensor([4]), "2": torch.tensor([4])}})
+    assert set(ok) == {0, 1}
+    assert rejected == {2: "global/m.lora_A.weight: shape [2, 6], expected [3, 6]"}
+
+
+def test_client_evaluation_uses_the_clients_truncation(monkeypatch):
+    cfg = config_from_dict(_raw("flexlora"))
+    alg, server = FlexLoRA(cfg), _fake_state()
+    final = alg.final_payload(server)
+    state = alg.init_client_state(None, 3)  # rank 1
+    assert alg.eval_adapters(final, state)["global"] is final.tensors["global"]  # default: global
+    monkeypatch.setattr(flex_mod, "settings_of", lambda a: flex_mod.FlexLoRASettings(evaluate="client"))
+    got = alg.eval_adapters(final, state)["global"]
+    a, b = got["m.lora_A.weight"], got["m.lora_B.weight"]
+    assert a.shape == (4, 6) and torch.count_nonzero(a[1:]) == 0 and torch.count_nonzero(b[:, 1:]) == 0
+    assert torch.equal(b[:, :1] @ a[:1], server["global"]["m.lora_B.weight"][:, :1] @ server["global"]["m.lora_A.weight"][:1])
+
+
+@pytest.mark.parametrize("algo", ["flexlora", "hetlora"])
+def test_refused_and_accepted_settings(algo: str):
+    cls = {"flexlora": FlexLoRA, "hetlora": HetLoRA}[algo]
+    cls.check(config_from_dict(_raw(algo)))  # heterogeneous ranks: accepted
+    cls.check(config_from_dict(tiny_raw(algorithm=algo)))  # equal ranks run too
+    cls.check(config_from_dict(_raw(algo, lora={"dora": True})))
+    with pytest.raises(ValueError, match="aggregate.rule"):
+        cls.check(config_from_dict(_raw(algo, aggregate={"rule": "median"})))
+    with pytest.raises(ValueError, match="privacy.clip"):
+        cls.check(config_from_dict(_raw(algo, privacy={"clip": 1.0})))
+    if algo == "flexlora":
+        with pytest.raises(ValueError, match="train.server_momentum"):
+            cls.check(config_from_dict(_raw(algo, train={"server_momentum": 0.9})))
