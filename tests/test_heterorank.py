@@ -128,10 +128,12 @@ def test_screening_checks_each_update_against_its_clients_rank():
     same = Message({"global": truncate_rank(server["global"], 4)}, 4, config={"rank": 4})
     cut = Message({"global": truncate_rank(server["global"], pruned)}, 4, config={"rank": pruned})
     lie = Message({"global": truncate_rank(server["global"], 2)}, 4, config={"rank": 3})
-    ok, rejected = screen_updates(alg, cfg, {0: same, 1: cut, 2: lie}, {**server, "hetlora_ranks": {
-        "1": torch.tensor([4]), "2": torch.tensor([4])}})
+    jump = Message({"global": truncate_rank(server["global"], 2)}, 4, config={"rank": 2})  # 4 -> 2: not allowed
+    ok, rejected = screen_updates(alg, cfg, {0: same, 1: cut, 2: lie, 4: jump}, {**server, "hetlora_ranks": {
+        "1": torch.tensor([4]), "2": torch.tensor([4]), "4": torch.tensor([4])}})
     assert set(ok) == {0, 1}
-    assert rejected == {2: "global/m.lora_A.weight: shape [2, 6], expected [3, 6]"}
+    assert rejected == {2: "global/m.lora_A.weight: shape [2, 6], expected [3, 6]",
+                        4: "global/m.lora_A.weight: shape [2, 6], expected [4, 6]"}
 
 
 def test_client_evaluation_uses_the_clients_truncation(monkeypatch):
@@ -160,3 +162,21 @@ def test_refused_and_accepted_settings(algo: str):
     if algo == "flexlora":
         with pytest.raises(ValueError, match="train.server_momentum"):
             cls.check(config_from_dict(_raw(algo, train={"server_momentum": 0.9})))
+
+
+@pytest.mark.parametrize("algo", ["flexlora", "hetlora"])
+def test_compressed_updates_decompress_onto_what_the_client_was_sent(algo: str):
+    from fedblend.comm import compress as cz
+
+    cfg = config_from_dict(_raw(algo))
+    alg, server = {"flexlora": FlexLoRA, "hetlora": HetLoRA}[algo](cfg), _fake_state()
+    sent = Message({"global": alg.payload_for(1, server)})  # client 1: rank 2
+    trained = {k: t + 0.01 * (i + 1) for i, (k, t) in enumerate(sorted(sent.tensors["global"].items()))}
+    kept = [2, 1] if algo == "hetlora" else [2]  # HetLoRA may prune: floor(0.99 * 2) = 1
+    for r in kept:
+        up = Message({"global": truncate_rank(trained, r)}, 4, config={"rank": r})
+        packed, _ = cz.compress(up, sent, "fp16", {})
+        ok, rejected = screen_updates(alg, cfg, {1: packed}, server)
+        assert rejected == {} and set(ok) == {1}
+        got = ok[1].tensors["global"]
+        assert all(torch.allclose(got[k], up.tensors["global"][k], atol=1e-3) for k in got)

@@ -84,7 +84,8 @@ def compress(update: Message, received: Message, scheme: str, residual: Tensors)
     deltas: list[str] = []
     for role, named in update.tensors.items():
         ref = received.tensors.get(role, {})
-        is_delta = set(ref) == set(named)
+        # a delta where every tensor has its received shape (HetLoRA's pruned upload has not)
+        is_delta = set(ref) == set(named) and all(ref[k].shape == t.shape for k, t in named.items())
         if is_delta:
             deltas.append(role)
         tensors[role], meta[role] = {}, {}
