@@ -18,6 +18,7 @@ from fedblend.algorithms.flexlora import FlexLoRA
 from fedblend.algorithms.hetlora import HetLoRA, HetLoRASettings
 from fedblend.comm.codec import Message, decode
 from fedblend.config import config_from_dict
+from fedblend.engines import inprocess
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
 from fedblend.trust import screen_updates
@@ -104,6 +105,28 @@ def test_hetlora_prunes_ranks_and_the_server_remembers_them(tmp_path: Path, monk
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["rejected"] == {} and last["aggregation"]["ranks"] == {str(c): expect[c] for c in range(4)}
     assert (out / "summary.json").is_file()
+    # a run that crashes in round 2 and resumes from the round-2 checkpoint sends the pruned
+    # ranks (the server's checkpoint, not the configured ranks) and ends where this one did
+    original = inprocess.Transport.up
+
+    def crash_in_round_2(self, rnd, cid, msg, allowed):
+        if rnd == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, rnd, cid, msg, allowed)
+
+    monkeypatch.setattr(inprocess.Transport, "up", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "crash")
+    monkeypatch.setattr(inprocess.Transport, "up", original)
+    sent: list = []
+    resumed = run_experiment(cfg, tmp_path / "crash", resume=True, tap=lambda *a: sent.append(a))
+    assert resumed["resumed_at_round"] == 2
+    again = {c: decode(data) for d, r, c, data in sent if d == "down" and r == 2}
+    assert {c: rank_of(m.tensors["global"]) for c, m in again.items()} == \
+        {c: rank_of(downs[(2, c)].tensors["global"]) for c in range(4)}
+    g1 = load_state(out / "checkpoint" / "v3" / "server.safetensors")
+    g2 = load_state(tmp_path / "crash" / "checkpoint" / "v3" / "server.safetensors")
+    assert all(torch.equal(g1[r][k], g2[r][k]) for r in ("global", "hetlora_ranks") for k in g1[r])
 
 
 def _fake_state(r: int = 4) -> dict:
