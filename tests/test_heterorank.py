@@ -12,13 +12,12 @@ from conftest import _merged, tiny_raw
 
 from fedblend.adapters.lora import rank_of, truncate_rank
 from fedblend.aggregation import lowrank
-from fedblend.algorithms import flexlora as flex_mod
-from fedblend.algorithms import hetlora as het_mod
 from fedblend.algorithms.flexlora import FlexLoRA
 from fedblend.algorithms.hetlora import HetLoRA, HetLoRASettings
 from fedblend.comm.codec import Message, decode
 from fedblend.config import config_from_dict
 from fedblend.engines import inprocess
+from fedblend.errors import ConfigError
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
 from fedblend.trust import screen_updates
@@ -82,10 +81,9 @@ def test_flexlora_sends_rank_ri_factors_and_keeps_the_svd_truncation(tmp_path: P
 def test_hetlora_prunes_ranks_and_the_server_remembers_them(tmp_path: Path, monkeypatch):
     # a strong penalty on the last half of the ranks: its norm product falls in local training
     # from round 1 on (round 0 starts from B = 0: nothing to fall from), so ranks shrink
-    st = HetLoRASettings(gamma=0.5, lam=50.0, r_min=1)
-    monkeypatch.setattr(het_mod, "settings_of", lambda alg: st)
-    cfg, _, out, msgs = _run(tmp_path, "hetlora", train={"rounds": 3},
+    cfg, _, out, msgs = _run(tmp_path, "hetlora", train={"rounds": 3}, hetlora={"gamma": 0.5, "lam": 50.0},
                              engine={"progress": False, "checkpoint_every": 1})
+    assert cfg.section("hetlora").gamma == 0.5
     ups = {(r, c): m for d, r, c, _, m in msgs if d == "up"}
     downs = {(r, c): m for d, r, c, _, m in msgs if d == "down" and r < cfg.train.rounds}
     assert [rank_of(ups[(0, c)].tensors["global"]) for c in range(4)] == RANKS  # round 0: no fall
@@ -159,13 +157,14 @@ def test_screening_checks_each_update_against_its_clients_rank():
                         4: "global/m.lora_A.weight: shape [2, 6], expected [4, 6]"}
 
 
-def test_client_evaluation_uses_the_clients_truncation(monkeypatch):
-    cfg = config_from_dict(_raw("flexlora"))
-    alg, server = FlexLoRA(cfg), _fake_state()
+@pytest.mark.parametrize("algo", ["flexlora", "hetlora"])
+def test_client_evaluation_uses_the_clients_truncation(algo: str):
+    cls, server = {"flexlora": FlexLoRA, "hetlora": HetLoRA}[algo], _fake_state()
+    alg = cls(config_from_dict(_raw(algo)))
     final = alg.final_payload(server)
     state = alg.init_client_state(None, 3)  # rank 1
     assert alg.eval_adapters(final, state)["global"] is final.tensors["global"]  # default: global
-    monkeypatch.setattr(flex_mod, "settings_of", lambda a: flex_mod.FlexLoRASettings(evaluate="client"))
+    alg = cls(config_from_dict(_raw(algo, **{algo: {"evaluate": "client"}})))
     got = alg.eval_adapters(final, state)["global"]
     a, b = got["m.lora_A.weight"], got["m.lora_B.weight"]
     assert a.shape == (4, 6) and torch.count_nonzero(a[1:]) == 0 and torch.count_nonzero(b[:, 1:]) == 0
@@ -174,17 +173,22 @@ def test_client_evaluation_uses_the_clients_truncation(monkeypatch):
 
 @pytest.mark.parametrize("algo", ["flexlora", "hetlora"])
 def test_refused_and_accepted_settings(algo: str):
-    cls = {"flexlora": FlexLoRA, "hetlora": HetLoRA}[algo]
-    cls.check(config_from_dict(_raw(algo)))  # heterogeneous ranks: accepted
-    cls.check(config_from_dict(tiny_raw(algorithm=algo)))  # equal ranks run too
-    cls.check(config_from_dict(_raw(algo, lora={"dora": True})))
-    with pytest.raises(ValueError, match="aggregate.rule"):
-        cls.check(config_from_dict(_raw(algo, aggregate={"rule": "median"})))
-    with pytest.raises(ValueError, match="privacy.clip"):
-        cls.check(config_from_dict(_raw(algo, privacy={"clip": 1.0})))
+    assert config_from_dict(_raw(algo)).client_rank(3) == 1  # heterogeneous ranks: accepted
+    assert config_from_dict(tiny_raw(algorithm=algo)).client_rank(2) == 4  # equal ranks run too
+    assert config_from_dict(_raw(algo, lora={"dora": True})).lora.dora  # m is rank-independent
+    for section, why in (({"aggregate": {"rule": "median"}}, "aggregate.rule"),
+                         ({"privacy": {"clip": 1.0}}, "privacy.clip"),
+                         ({algo: {"evaluate": "best"}}, f"{algo}.evaluate")):
+        with pytest.raises(ConfigError, match=why):
+            config_from_dict(_raw(algo, **section))
     if algo == "flexlora":
-        with pytest.raises(ValueError, match="train.server_momentum"):
-            cls.check(config_from_dict(_raw(algo, train={"server_momentum": 0.9})))
+        with pytest.raises(ConfigError, match="train.server_momentum"):
+            config_from_dict(_raw(algo, train={"server_momentum": 0.9}))
+    else:
+        with pytest.raises(ConfigError, match="hetlora.gamma"):
+            config_from_dict(_raw(algo, hetlora={"gamma": 1.5}))
+    with pytest.raises(ConfigError, match="lora.client_ranks"):  # and a method needing one rank refuses them
+        config_from_dict(_raw("fedit"))
 
 
 @pytest.mark.parametrize("algo", ["flexlora", "hetlora"])

@@ -25,32 +25,28 @@ exported ``adapters/global`` is the rank-``lora.r`` truncation either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedblend.adapters.lora import pad_rank, truncate_rank
 from fedblend.aggregation import lowrank
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.comm.codec import Message, Tensors
-from fedblend.config import ExperimentConfig
+from fedblend.config import ExperimentConfig, Section
 
 RANK = "rank"  # client-state role: {"r": tensor([r_i])}
 
 
-class FlexLoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FlexLoRASettings(Section):
+    """``[flexlora]``: which truncation a client is scored with (inference only)."""
+
+    inference_only: ClassVar[frozenset[str]] = frozenset({"evaluate"})
     evaluate: Literal["global", "client"] = Field(
         "global", description="global: every client scores the server's rank-lora.r truncation of "
         "W0 + dW_g; client: each client its own rank-r_i truncation",
     )
-
-
-def settings_of(alg: Algorithm):
-    """The algorithm's settings; the section defaults until the config carries sections."""
-    section = getattr(alg.cfg, "section", None)  # local fallback until the registry lands
-    return section(alg.section) if callable(section) else alg.Settings()
 
 
 def train_at_rank(ctx: ClientContext, tensors: Tensors, r: int, s: float,
@@ -63,10 +59,9 @@ def train_at_rank(ctx: ClientContext, tensors: Tensors, r: int, s: float,
     tr.adapters.set("global", padded)
     default = tr.adapters.scale["global"]
     tr.adapters.set_scaling("global", s)
-    prox = (cfg.train.prox_mu, padded) if cfg.train.prox_mu > 0 else None
     try:
         stats = tr.train(("client", ctx.cid), ctx.examples, ["global"], {"global": 1.0},
-                         cfg.train.local_epochs, ctx.seed, prox=prox, progress=ctx.progress, penalty=penalty)
+                         cfg.train.local_epochs, ctx.seed, progress=ctx.progress, penalty=penalty)
     finally:
         tr.adapters.set_scaling("global", default)
     return truncate_rank(tr.adapters.get("global"), r), stats
@@ -137,4 +132,4 @@ class FlexLoRA(Algorithm):
         return {**server_state, "global": new_global}
 
     def eval_adapters(self, final: Message, state: State) -> State:
-        return eval_at_rank(final, state, settings_of(self).evaluate, self.cfg.lora.r)
+        return eval_at_rank(final, state, self.settings.evaluate, self.cfg.lora.r)

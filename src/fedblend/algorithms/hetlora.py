@@ -25,23 +25,25 @@ the end). The exported ``adapters/global`` is the rank-``r_max`` adapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedblend.adapters.lora import rank_of, truncate_rank
 from fedblend.aggregation import lowrank
 from fedblend.algorithms.base import Algorithm, ClientContext, State
-from fedblend.algorithms.flexlora import RANK, eval_at_rank, settings_of, train_at_rank
+from fedblend.algorithms.flexlora import RANK, eval_at_rank, train_at_rank
 from fedblend.comm.codec import Message, Tensors
-from fedblend.config import ExperimentConfig
+from fedblend.config import ExperimentConfig, Section
 
 RANKS = "hetlora_ranks"  # server-state role: {str(cid): tensor([r_k])}
 
 
-class HetLoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HetLoRASettings(Section):
+    """``[hetlora]``: rank decay, penalty, pruning, and which model a client is scored with."""
+
+    inference_only: ClassVar[frozenset[str]] = frozenset({"evaluate"})
     gamma: float = Field(0.99, gt=0, le=1, description="rank decay: the penalty and pruning act on "
                          "the components from floor(gamma r) on")
     lam: float = Field(1e-3, ge=0, description="weight of the rank penalty ||B[:, q:]||_F ||A[q:, :]||_F")
@@ -92,7 +94,7 @@ class HetLoRA(Algorithm):
     def expected_update(self, cid: int, server_state: State, update: Message) -> State:
         """The rank the server sent, or (with pruning) the one pruning allows; the update's
         declared rank (``config["rank"]``) picks between the two, its tensors must match it."""
-        st = settings_of(self)
+        st = self.settings
         r = self.rank(cid, server_state)
         pruned = lowrank.prune_rank(r, st.gamma, st.r_min, 1.0, 0.0) if st.prune else r
         declared = update.config.get("rank")
@@ -100,7 +102,7 @@ class HetLoRA(Algorithm):
         return {"global": self.payload_for(cid, server_state, r_up)}
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
-        st = settings_of(self)
+        st = self.settings
         g = payload.tensors["global"]
         r = rank_of(g)
         live = ctx.trainer.adapters.params["global"]
@@ -131,4 +133,4 @@ class HetLoRA(Algorithm):
         return self.server_update({**server_state, "global": new_global, RANKS: ranks}, server_state)
 
     def eval_adapters(self, final: Message, state: State) -> State:
-        return eval_at_rank(final, state, settings_of(self).evaluate, self.cfg.lora.r)
+        return eval_at_rank(final, state, self.settings.evaluate, self.cfg.lora.r)
