@@ -1,4 +1,4 @@
-"""FlexLoRA and HetLoRA end to end in-process (clients at ranks 4, 2, 2, 1), the screening of
+"""FlexLoRA and HetLoRA end to end in-process (clients at ranks 2, 4, 2, 1), the screening of
 rank-r_i updates against their own shapes, and the combinations the methods refuse."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import _merged, tiny_raw
+from safetensors.torch import load_file
 
 from fedblend.adapters.lora import rank_of, truncate_rank
 from fedblend.aggregation import lowrank
@@ -22,7 +23,7 @@ from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
 from fedblend.trust import screen_updates
 
-RANKS = [4, 2, 2, 1]
+RANKS = [2, 4, 2, 1]  # client 0 below the top rank: its truncation is not the global adapter
 
 
 def _raw(algo: str, **sections) -> dict:
@@ -45,8 +46,16 @@ def _tensor_bytes(msg: Message) -> int:
 
 
 def test_flexlora_sends_rank_ri_factors_and_keeps_the_svd_truncation(tmp_path: Path):
-    cfg, summary, out, msgs = _run(tmp_path, "flexlora")
+    cfg, summary, out, msgs = _run(tmp_path, "flexlora", flexlora={"evaluate": "client"})
     assert (out / "summary.json").is_file() and summary["algorithm"] == "flexlora"
+    # each client scored at its own rank: three distinct models (clients 1 and 2 share rank 2,
+    # so one generation serves both), each over all 4 tasks x 2 test instances
+    assert summary["time"]["generated_instances"] == 3 * 4 * 2
+    # ... while adapters/global is the server's rank-4 truncation
+    exported = load_file(str(out / "adapters" / "global" / "adapter_model.safetensors"))
+    final = load_state(out / "final" / "server.safetensors")["global"]
+    assert len(exported) == len(final) and all(
+        any(torch.equal(t, f) for f in final.values()) for t in exported.values())
     ups = {(r, c): (data, m) for d, r, c, data, m in msgs if d == "up"}
     assert sorted(ups) == [(r, c) for r in (0, 1) for c in range(4)]
     for (_, c), (_, m) in ups.items():
@@ -56,7 +65,7 @@ def test_flexlora_sends_rank_ri_factors_and_keeps_the_svd_truncation(tmp_path: P
             assert rank_of(m.tensors["global"]) == RANKS[c]
     # bytes: the rank-1 client sends a quarter of the rank-4 client's tensors; the rest is the
     # safetensors header (names, shapes), the same size give or take a few digits
-    big, small = ups[(1, 0)], ups[(1, 3)]
+    big, small = ups[(1, 1)], ups[(1, 3)]
     assert _tensor_bytes(small[1]) * 4 == _tensor_bytes(big[1])
     assert abs((len(small[0]) - _tensor_bytes(small[1])) - (len(big[0]) - _tensor_bytes(big[1]))) < 64
     assert summary["comm"]["bytes_up"] == sum(len(data) for data, _ in ups.values())
@@ -137,10 +146,10 @@ def test_screening_checks_each_update_against_its_clients_rank():
     cfg = config_from_dict(_raw("flexlora"))
     alg, server = FlexLoRA(cfg), _fake_state()
     good = Message({"global": alg.payload_for(3, server)}, 4)
-    wrong = Message({"global": alg.payload_for(0, server)}, 4)  # rank 4 from a rank-2 client
-    ok, rejected = screen_updates(alg, cfg, {3: good, 1: wrong}, server)
+    wrong = Message({"global": alg.payload_for(1, server)}, 4)  # rank 4 from a rank-2 client
+    ok, rejected = screen_updates(alg, cfg, {3: good, 0: wrong}, server)
     assert set(ok) == {3}
-    assert rejected == {1: "global/m.lora_A.weight: shape [4, 6], expected [2, 6]"}
+    assert rejected == {0: "global/m.lora_A.weight: shape [4, 6], expected [2, 6]"}
     # HetLoRA: the rank sent, or the pruned one the update declares; nothing else
     cfg = config_from_dict(_raw("hetlora"))
     alg = HetLoRA(cfg)
@@ -151,7 +160,7 @@ def test_screening_checks_each_update_against_its_clients_rank():
     lie = Message({"global": truncate_rank(server["global"], 2)}, 4, config={"rank": 3})
     jump = Message({"global": truncate_rank(server["global"], 2)}, 4, config={"rank": 2})  # 4 -> 2: not allowed
     ok, rejected = screen_updates(alg, cfg, {0: same, 1: cut, 2: lie, 4: jump}, {**server, "hetlora_ranks": {
-        "1": torch.tensor([4]), "2": torch.tensor([4]), "4": torch.tensor([4])}})
+        "0": torch.tensor([4]), "1": torch.tensor([4]), "2": torch.tensor([4]), "4": torch.tensor([4])}})
     assert set(ok) == {0, 1}
     assert rejected == {2: "global/m.lora_A.weight: shape [2, 6], expected [3, 6]",
                         4: "global/m.lora_A.weight: shape [2, 6], expected [4, 6]"}
@@ -197,13 +206,13 @@ def test_compressed_updates_decompress_onto_what_the_client_was_sent(algo: str):
 
     cfg = config_from_dict(_raw(algo))
     alg, server = {"flexlora": FlexLoRA, "hetlora": HetLoRA}[algo](cfg), _fake_state()
-    sent = Message({"global": alg.payload_for(1, server)})  # client 1: rank 2
+    sent = Message({"global": alg.payload_for(0, server)})  # client 0: rank 2
     trained = {k: t + 0.01 * (i + 1) for i, (k, t) in enumerate(sorted(sent.tensors["global"].items()))}
     kept = [2, 1] if algo == "hetlora" else [2]  # HetLoRA may prune: floor(0.99 * 2) = 1
     for r in kept:
         up = Message({"global": truncate_rank(trained, r)}, 4, config={"rank": r})
         packed, _ = cz.compress(up, sent, "fp16", {})
-        ok, rejected = screen_updates(alg, cfg, {1: packed}, server)
-        assert rejected == {} and set(ok) == {1}
-        got = ok[1].tensors["global"]
+        ok, rejected = screen_updates(alg, cfg, {0: packed}, server)
+        assert rejected == {} and set(ok) == {0}
+        got = ok[0].tensors["global"]
         assert all(torch.allclose(got[k], up.tensors["global"][k], atol=1e-3) for k in got)

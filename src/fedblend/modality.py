@@ -127,6 +127,9 @@ class Modality(ABC):
             adapters = algorithm.eval_adapters(finals[cid], state)
             for role, tensors in adapters.items():
                 if role == "global" and not global_done:
+                    # as the Flower ServerApp: the final payload's global adapter where it travels
+                    # whole (a client may evaluate another, e.g. its own rank's truncation)
+                    tensors = finals[cid].tensors.get("global", tensors)
                     trainer.adapters.export("global", tensors, run.path / "adapters" / "global")
                     out["global"] = "adapters/global"
                     global_done = True
