@@ -6,8 +6,9 @@ adapters) live side by side in every target layer. Each layer computes
     h = W0 x + s * (w_g * B_g A_g x + w_l * B_l A_l x)
 
 PEFT's LoRA forward multiplies each active adapter's output by ``scaling[name]``; the
-:meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` where ``w`` is a float or a
-per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and features).
+:meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` (PEFT's ``set_scale``) where ``w``
+is a float or a per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and
+features), and activates the roles that take part (PEFT's ``set_adapter``).
 That is the whole extension: outside the context PEFT behaves as usual. A role weighted by
 the number 0 that is not being trained is also left out of the layers' active adapters
 there, so FedIT's unused ``local`` adapter costs nothing.
