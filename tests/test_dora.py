@@ -226,3 +226,24 @@ def test_dora_adapters_hold_d_out_more_numbers_per_layer(trainer: TextTrainer):
     lora = DualLoRA(model, plain.lora)
     extra = sum(layer.out_features for layer in trainer.adapters.layers)
     assert trainer.adapters.num_parameters("global") == lora.num_parameters("global") + extra
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_dora_on_a_quantized_backbone_starts_from_the_dequantised_w0(quant):
+    from peft.utils.integrations import dequantize_module_weight
+
+    cfg = config_from_dict(tiny_raw(model={"quantization": quant, "device": "cpu"}, lora=DORA))
+    tr = TextTrainer(cfg, *load_text_backbone(cfg.model, cfg.seed))
+    layer = tr.adapters.layers[0]
+    assert type(layer.get_base_layer()).__name__ == {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[quant]
+    created = tr.adapters.get("global")
+    w0 = dequantize_module_weight(copy.deepcopy(layer.get_base_layer())).float()
+    assert torch.equal(layer.lora_magnitude_vector["global"].weight.detach(), torch.linalg.norm(w0, dim=1))
+    tr.adapters.set("global", _randomized(created, 1))
+    again = tr.adapters.fresh("global", 1)
+    assert all(torch.equal(again[k], created[k]) for k in _magnitudes(created))
+    tr.adapters.set_trainable(["global"])
+    with tr.adapters.mixing({"global": 1.0}):
+        tr.model(input_ids=_inputs()).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for k, p in tr.adapters.params["global"].items() if tensor_kind(k) == MAGNITUDE)
