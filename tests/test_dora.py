@@ -4,21 +4,22 @@ its mixed forward, where each method keeps it (shared and averaged, or local) an
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw
+from conftest import ROOT, tiny_raw
 from peft import PeftModel
 
 from fedblend.adapters.lora import MAGNITUDE, DualLoRA, split_kinds, tensor_kind
 from fedblend.aggregation.fedavg import weighted_mean
 from fedblend.aggregation.validate import problem
-from fedblend.algorithms.feddpa import FedDPAF, FedDPAT
 from fedblend.algorithms.fedit import FedIT
 from fedblend.comm import compress as cz
 from fedblend.comm.codec import Message, decode
 from fedblend.config import config_from_dict
+from fedblend.errors import ConfigError
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
 from fedblend.text.backbone import load_text_backbone
@@ -119,7 +120,8 @@ def _run(tmp_path: Path, algo: str, rounds: int = 2, weighting: str = "global"):
     sent = []
     cfg = config_from_dict(tiny_raw(
         algorithm=algo, lora=DORA, train={"rounds": rounds},
-        data={"synthetic_test_per_task": 2}, eval={"ttp": False, "max_new_tokens": 1, "weighting": weighting},
+        data={"synthetic_test_per_task": 2}, eval={"ttp": False, "max_new_tokens": 1},
+        **({"feddpa": {"weighting": weighting}} if algo.startswith("feddpa") else {}),
     ))
     run_experiment(cfg, tmp_path / algo, tap=lambda *a: sent.append(a))
     clients = {int(p.stem): load_state(p) for p in (tmp_path / algo / "final" / "clients").glob("*.safetensors")}
@@ -176,15 +178,24 @@ def test_feddpa_keeps_the_local_magnitude_private(tmp_path: Path):
     torch.testing.assert_close(server["global"], weighted_mean(_ups(msgs, "global")))
 
 
-def test_feddpa_refuses_dynamic_weighting_and_mixed_training_dropout_with_dora():
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", lora=DORA, eval={"weighting": "dynamic"}))
-    with pytest.raises(ValueError, match=r"^lora\.dora: .*dynamic"):
-        FedDPAT.check(cfg)
-    cfg = config_from_dict(tiny_raw(algorithm="feddpa_t", lora={**DORA, "dropout": 0.05}, eval={"weighting": "static"}))
-    with pytest.raises(ValueError, match=r"^lora\.dropout: "):
-        FedDPAT.check(cfg)
-    FedDPAF.check(cfg)  # FedDPA-F trains one role at a time: its dropout is PEFT's plain DoRA
-    FedDPAT.check(config_from_dict(tiny_raw(algorithm="feddpa_t", lora=DORA, eval={"weighting": "static"})))
+def test_refusals_name_the_key():
+    """FedDPA's dynamic weighting, FedDPA-T's mixed training with dropout and the vision
+    methods (no LoRA) refuse lora.dora at load time, in one line naming the key."""
+    cases = [
+        (tiny_raw(algorithm="feddpa_t", lora=DORA), r"^config: lora\.dora: .*dynamic"),
+        (tiny_raw(algorithm="feddpa_f", lora=DORA, feddpa={"finetune_epochs": 1}), r"^config: lora\.dora: .*dynamic"),
+        (tiny_raw(algorithm="feddpa_t", lora={**DORA, "dropout": 0.05}, feddpa={"weighting": "static"}),
+         r"^config: lora\.dropout: "),
+        ({**tomllib.loads((ROOT / "configs" / "tiny" / "clip_smoke.toml").read_text()), "lora": {"dora": True}},
+         r"^config: lora\.dora: tripleplay trains no LoRA"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(raw)
+    # FedDPA-F trains one adapter at a time (its dropout is PEFT's plain DoRA), FedDPA-T without dropout
+    config_from_dict(tiny_raw(algorithm="feddpa_f", lora={**DORA, "dropout": 0.05},
+                              feddpa={"weighting": "static", "finetune_epochs": 1}))
+    config_from_dict(tiny_raw(algorithm="feddpa_t", lora=DORA, feddpa={"weighting": "static"}))
 
 
 def test_split_kinds_keeps_m_with_b(trainer: TextTrainer):

@@ -292,7 +292,7 @@ def _initial_magnitude(layer: LoraLayer, role: str) -> torch.Tensor:
 
 DORA_PER_INSTANCE = (
     "lora.dora: PEFT's DoRA divides by one weight norm per layer, with the adapter's scaling inside it; "
-    "per-instance mixing weights (eval.weighting = dynamic) need one per row: use static, global or local"
+    "per-instance mixing weights (feddpa.weighting = dynamic) need one per row: use static, global or local"
 )
 
 

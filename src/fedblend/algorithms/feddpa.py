@@ -93,7 +93,7 @@ class _DualAdapter(Algorithm):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        if cfg.lora.dora and cfg.eval.weighting == "dynamic":  # DoRA: G and L each own an m;
+        if cfg.lora.dora and cfg.section("feddpa").weighting == "dynamic":  # DoRA: G and L each own an m;
             raise ValueError(DORA_PER_INSTANCE)  # L's stays local with L (never in an upload)
 
     def eval_adapters(self, final: Message, state: State) -> State:
