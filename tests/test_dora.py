@@ -179,8 +179,9 @@ def test_feddpa_keeps_the_local_magnitude_private(tmp_path: Path):
 
 
 def test_refusals_name_the_key():
-    """FedDPA's dynamic weighting, FedDPA-T's mixed training with dropout and the vision
-    methods (no LoRA) refuse lora.dora at load time, in one line naming the key."""
+    """FedDPA's dynamic weighting, FedDPA-T's mixed training with dropout, FedALT's per-token
+    router and the vision methods (no LoRA) refuse lora.dora at load time, in one line naming
+    the key."""
     cases = [
         (tiny_raw(algorithm="feddpa_t", lora=DORA), r"^config: lora\.dora: .*dynamic"),
         (tiny_raw(algorithm="feddpa_f", lora=DORA, feddpa={"finetune_epochs": 1}), r"^config: lora\.dora: .*dynamic"),
@@ -188,6 +189,7 @@ def test_refusals_name_the_key():
          r"^config: lora\.dropout: "),
         ({**tomllib.loads((ROOT / "configs" / "tiny" / "clip_smoke.toml").read_text()), "lora": {"dora": True}},
          r"^config: lora\.dora: tripleplay trains no LoRA"),
+        (tiny_raw(algorithm="fedalt", lora=DORA), r"^config: lora\.dora: fedalt's router"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError, match=message):
