@@ -111,6 +111,9 @@ class CrossClientLoRA:
                         plain = modules[role]
                         stacked = self._stacked(name, role, kind, plain.weight)
                         saved.append((modules, role, plain))
+                        # no PEFT API gives one adapter different weights per batch row (its
+                        # adapter_names= batches pick one whole adapter per row, see above): the
+                        # layer's public lora_A / lora_B ModuleDict entries are swapped, and put back
                         modules[role] = RowSelectLinear(stacked, self._index)
             yield
         finally:

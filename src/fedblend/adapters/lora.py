@@ -6,16 +6,29 @@ adapters) live side by side in every target layer. Each layer computes
     h = W0 x + s * (w_g * B_g A_g x + w_l * B_l A_l x)
 
 PEFT's LoRA forward multiplies each active adapter's output by ``scaling[name]``; the
-:meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` where ``w`` is a float or a
-per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and features).
+:meth:`DualLoRA.mixing` context sets that scaling to ``s * w`` (PEFT's ``set_scale``) where ``w``
+is a float or a per-instance tensor shaped ``(batch, 1, 1)`` (it broadcasts over tokens and
+features), and activates the roles that take part (PEFT's ``set_adapter``).
 That is the whole extension: outside the context PEFT behaves as usual. A role weighted by
 the number 0 that is not being trained is also left out of the layers' active adapters
 there, so FedIT's unused ``local`` adapter costs nothing.
+
+DoRA (``lora.dora``, PEFT ``use_dora``): each role also holds a magnitude vector m (one number
+per output row, key ``...lora_magnitude_vector.weight``), one more tensor among the role's
+tensors. One role at weight w computes ``h = c (W0 + s w B A) x``, ``c = m / ||W0 + s w B A||``
+(row norms, detached): w sits inside the normalisation. Several roles run in turn (global,
+then local), each mapping the output so far ``h`` to ``c_k (h + s w_k B_k A_k x)``: in eval,
+or in training without dropout, ``h = c_l (c_g (W0 + s w_g B_g A_g) x + s w_l B_l A_l x)``.
+(In training with dropout PEFT adds ``(c_k - 1) W0 x' + c_k s w_k B_k A_k x'`` per role
+instead, x' the dropped-out input: the same for one role, not for two; FedDPA-T refuses it.)
+A per-instance weight tensor would need one norm per batch row, which PEFT's DoRA cannot
+compute: :data:`DORA_PER_INSTANCE` is the refusal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -32,6 +45,7 @@ from fedblend.config import LoraConfig
 
 ROLES = ("global", "local")
 LORA_KINDS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude m (1-D, d_out), PEFT's parameter name
 Tensors = dict[str, torch.Tensor]
 Weight = float | torch.Tensor
 
@@ -62,6 +76,7 @@ class DualLoRA:
             target_modules=list(cfg.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
+            use_dora=cfg.dora,
         )
         try:
             self.model = get_peft_model(base_model, peft_cfg, adapter_name=self.roles[0])
@@ -73,8 +88,10 @@ class DualLoRA:
             if "lora_" in name and p.dtype != torch.float32:
                 p.data = p.data.float()
         self.model.base_model.set_adapter(list(self.roles))
+        self._active = list(self.roles)  # the layers' active adapters (see _set_active)
         self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         self.scale = {role: float(self.layers[0].scaling[role]) for role in self.roles}
+        self._peft_scale = dict(self.scale)  # alpha / r, what set_scale's factor multiplies
         # role -> {peft key without adapter name: live parameter}
         self.params: dict[str, dict[str, torch.nn.Parameter]] = {r: {} for r in self.roles}
         for name, p in self.model.named_parameters():
@@ -106,7 +123,9 @@ class DualLoRA:
     def fresh(self, role: str, seed: int) -> Tensors:
         """Re-initialise the role's adapter as PEFT does (A Kaiming-uniform, B zero), seeded.
 
-        A is drawn on the CPU and copied, so a seed gives the same adapter on every device."""
+        A is drawn on the CPU and copied, so a seed gives the same adapter on every device. With
+        DoRA (``lora.dora``) the magnitude m is reset as PEFT's adapter creation sets it: the
+        row norms of ``W0 + s B A`` = of W0 (B = 0), from the dequantised weight."""
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(seed)
             for layer in self.layers:
@@ -115,6 +134,8 @@ class DualLoRA:
                 torch.nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # PEFT's reset_lora_parameters
                 a.copy_(init)
                 layer.lora_B[role].weight.zero_()
+                if role in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector[role].weight.copy_(_initial_magnitude(layer, role))
         return self.get(role)
 
     def set_scaling(self, role: str, s: float) -> None:
@@ -152,24 +173,40 @@ class DualLoRA:
             w = weights.get(role, 0.0)
             if isinstance(w, torch.Tensor) and w.dim() == 1:
                 w = w.view(-1, 1, 1)
-            scaled = self.scale[role] * w
+            # PEFT's LoraLayer.set_scale(adapter, factor) sets scaling = factor * alpha / r; the
+            # factor may be a (batch, 1, 1) tensor (PEFT multiplies the LoRA output by scaling,
+            # which broadcasts). A client at its own rank (set_scaling) folds s / (alpha / r) in.
+            ratio = self.scale[role] / self._peft_scale[role]
+            factor = w if ratio == 1.0 else w * ratio
             for layer in self.layers:
-                layer.scaling[role] = scaled
+                layer.set_scale(role, factor)
         self.mix_weights = dict(weights)
         self._set_active([r for r in self.roles if not self._skippable(r, weights.get(r, 0.0))])
 
     def _skippable(self, role: str, w: Weight) -> bool:
         """A role weighted by the plain number 0 that takes no gradient contributes nothing:
-        its LoRA branch (dropout and two matmuls per target layer) need not run at all."""
-        if not self.skip_zero_roles or isinstance(w, torch.Tensor) or w != 0:
+        its LoRA branch (dropout and two matmuls per target layer) need not run at all.
+
+        With DoRA it must not run: PEFT's DoRA term ``(m / ||W0 + s w B A|| - 1) W0 x`` has no
+        factor w, so an active role at w = 0 would still rescale W0 x by ``m / ||W0||``."""
+        if (not self.skip_zero_roles and not self.cfg.dora) or isinstance(w, torch.Tensor) or w != 0:
             return False
         return not any(p.requires_grad for p in self.params[role].values())
 
     def _set_active(self, roles: list[str]) -> None:
-        # PEFT's LoraLayer.forward runs the adapters in ``active_adapters``; its set_adapter
-        # would also flip requires_grad, so the layers' list is set directly (same order).
+        # PEFT's public LoraLayer.set_adapter chooses the adapters its forward runs (same order).
+        # It also sets requires_grad (inference_mode=True: all frozen), so ours is restored
+        # after it; and it costs about a millisecond per layer, so it runs only on a change.
+        # (The model-level set_adapter would walk every module twice on top: 100 ms a call on
+        # SmolLM2 where this is all the per-batch mixing costs.)
+        if list(roles) == self._active:
+            return
+        grads = [(p, p.requires_grad) for named in self.params.values() for p in named.values()]
         for layer in self.layers:
-            layer._active_adapter = list(roles)
+            layer.set_adapter(list(roles), inference_mode=True)
+        for p, g in grads:
+            p.requires_grad_(g)
+        self._active = list(roles)
 
     @contextlib.contextmanager
     def mixing(self, weights: Mapping[str, Weight]) -> Iterator[None]:
@@ -211,8 +248,9 @@ class DualLoRA:
 
 
 def tensor_kind(key: str) -> str:
-    """``"lora_A"`` or ``"lora_B"``: which factor of a LoRA layer a PEFT tensor name holds."""
-    for kind in LORA_KINDS:
+    """``"lora_A"``, ``"lora_B"`` or (DoRA) ``"lora_magnitude_vector"``: which part of a LoRA
+    layer a PEFT tensor name holds."""
+    for kind in (*LORA_KINDS, MAGNITUDE):
         if f".{kind}." in key:
             return kind
     raise ValueError(f"not a LoRA A/B tensor: {key}")
@@ -222,11 +260,17 @@ def split_kinds(tensors: Mapping[str, torch.Tensor]) -> dict[str, Tensors]:
     """Split one adapter's tensors by factor: ``{"lora_A": {...}, "lora_B": {...}}``.
 
     FedSA-LoRA and FFA-LoRA share one factor and keep the other; each factor then travels
-    (or stays) as a role of its own, so the engine's role check guards the private one."""
+    (or stays) as a role of its own, so the engine's role check guards the private one.
+    DoRA's magnitude vectors go with B (:data:`MAGNITUDE_WITH`): FedSA-LoRA keeps them local
+    beside its client-specific B, FFA-LoRA trains and shares them beside its shared B."""
     out: dict[str, Tensors] = {kind: {} for kind in LORA_KINDS}
     for k, t in tensors.items():
-        out[tensor_kind(k)][k] = t
+        kind = tensor_kind(k)
+        out[MAGNITUDE_WITH if kind == MAGNITUDE else kind][k] = t
     return out
+
+
+MAGNITUDE_WITH = "lora_B"  # the split_kinds part DoRA's magnitude vectors travel (or stay) with
 
 
 def join_kinds(*parts: Mapping[str, torch.Tensor]) -> Tensors:
@@ -235,6 +279,29 @@ def join_kinds(*parts: Mapping[str, torch.Tensor]) -> Tensors:
     for part in parts:
         out.update(part)
     return out
+
+
+def _initial_magnitude(layer: LoraLayer, role: str) -> torch.Tensor:
+    """m as PEFT's DoRA sets it at adapter creation (``DoraLinearLayer.update_layer``): the row
+    norms of ``W0 + s B A`` with B = 0, W0 dequantised (bitsandbytes), through PEFT's own
+    ``get_weight_norm`` so the numbers are the same."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    dora = layer.lora_magnitude_vector[role]
+    a, b = layer.lora_A[role].weight, layer.lora_B[role].weight
+    base = layer.get_base_layer()
+    if base.__class__.__name__ == "Linear4bit":  # PEFT dequantises a copy (FSDP); same numbers
+        base = copy.deepcopy(base)
+    weight = dequantize_module_weight(base)
+    norm = dora.get_weight_norm(weight=weight.to(a.device), lora_weight=torch.zeros_like(b @ a),
+                                scaling=layer.scaling[role])
+    return norm.to(dora.weight.dtype)
+
+
+DORA_PER_INSTANCE = (
+    "lora.dora: PEFT's DoRA divides by one weight norm per layer, with the adapter's scaling inside it; "
+    "per-instance mixing weights (feddpa.weighting = dynamic) need one per row: use static, global or local"
+)
 
 
 def _target_error(cfg: LoraConfig, e: Exception):

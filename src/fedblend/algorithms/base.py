@@ -99,6 +99,8 @@ class Algorithm(ABC):
             key = "lora.client_ranks" if cfg.lora.client_ranks else "lora.rank_tiers"
             raise ValueError(f"{key}: {cls.name} needs every client at one rank (lora.r); "
                              "heterogeneous ranks run with flora, flexlora or hetlora")
+        if cfg.lora.dora and cls.modality != "text":
+            raise ValueError(f"lora.dora: {cls.name} trains no LoRA adapter (DoRA is an option of the text methods)")
         if not cls.mean_aggregation:
             for key, on in (("aggregate.rule", cfg.aggregate.rule != "fedavg"),
                             ("aggregate.clip_norm", cfg.aggregate.clip_norm > 0),

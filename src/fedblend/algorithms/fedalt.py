@@ -107,6 +107,9 @@ class FedALT(Algorithm):
         if n < 2:
             key = "data.clients" if cfg.data.clients else "data.num_clients"
             raise ValueError(f"{key}: fedalt needs at least 2 clients (a lone client has no rest of the world)")
+        if cfg.lora.dora:  # the router scales each token's roles: PEFT's DoRA norm takes one scaling
+            raise ValueError("lora.dora: fedalt's router weights the adapters per token, and PEFT's DoRA "
+                             "normalises each layer with one scaling; fedalt runs with plain LoRA")
         for key, on, why in (
             ("aggregate.max_update_norm", cfg.aggregate.max_update_norm > 0,
              "its uploads are whole LoRAs, not deltas of a server model"),

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from fedblend.adapters.lora import DORA_PER_INSTANCE
 from fedblend.algorithms.base import Algorithm, ClientContext, State
 from fedblend.algorithms.fedit import train_global
 from fedblend.comm.codec import Message
@@ -89,6 +90,12 @@ class _DualAdapter(Algorithm):
         s = self.settings
         return {"weighting": {"mode": s.weighting, "convention": s.weighting_convention}}
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.lora.dora and cfg.section("feddpa").weighting == "dynamic":  # DoRA: G and L each own an m;
+            raise ValueError(DORA_PER_INSTANCE)  # L's stays local with L (never in an upload)
+
     def eval_adapters(self, final: Message, state: State) -> State:
         return {"global": final.tensors["global"], "local": state["local"]}
 
@@ -137,6 +144,15 @@ class _DualAdapter(Algorithm):
 
 class FedDPAT(_DualAdapter):
     name = "feddpa_t"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.lora.dora and cfg.lora.dropout > 0:  # see fedblend.adapters.lora: DoRA mixing
+            raise ValueError(
+                "lora.dropout: FedDPA-T trains two DoRA adapters mixed, and with dropout PEFT adds each "
+                "adapter's DoRA term to W0 x while without it (as at inference) each rescales the output "
+                "before it: training would not match inference; set lora.dropout = 0 with lora.dora")
 
     def init_client_state(self, trainer, cid: int) -> State:
         return {"local": trainer.adapters.fresh("local", self.cfg.seed + 1 + cid)}

@@ -44,7 +44,10 @@ class Job:
 def batchable(trainer, adapters: Mapping[int, State]) -> bool:
     """True when every client's eval adapters are the same LoRA roles of ``trainer``."""
     roles = {frozenset(a) for a in adapters.values()}
-    if len(roles) != 1:
+    if len(roles) != 1 or trainer.adapters.cfg.dora:
+        # DoRA: PEFT's DoRA forward builds B A from the lora_A / lora_B modules (an identity
+        # batch through them) and normalises with one magnitude per layer; the row-select
+        # modules give each batch row its own B A, which it cannot take: client after client
         return False
     own = trainer.adapters.params
     lora = trainer.adapters.roles  # attached non-LoRA roles (FedALT's router) cannot be row-selected
