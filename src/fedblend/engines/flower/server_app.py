@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm
-from fedblend.comm.codec import Message as FbMessage
 from fedblend.comm.codec import BASE_DELTA, decode
+from fedblend.comm.codec import Message as FbMessage
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.engines.flower import faults, wire
 from fedblend.errors import ConfigError, FedblendError
