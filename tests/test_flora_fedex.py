@@ -31,8 +31,9 @@ def _run(raw: dict, out: Path):
 
 def _close(a: dict, b: dict, atol: float = 2e-6) -> None:
     assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.allclose(a[k].double(), b[k].double(), atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+    for k, x in a.items():
+        y = b[k]
+        assert torch.allclose(x.double(), y.double(), atol=atol, rtol=0), (k, float((x - y).abs().max()))
 
 
 def _mean_product(ups: list, scalings: list[float]) -> dict[str, torch.Tensor]:
@@ -171,6 +172,29 @@ def test_exported_delta_and_adapter_reproduce_the_runs_answers(tmp_path: Path, f
         same += text == p["prediction"]
     assert same == len(mine) > 0 and any(p["prediction"] for p in mine)
     assert summary["adapters"][BASE_DELTA] == "adapters/base_delta"
+    # and the logits: fedblend's evaluated client 0 (its eval adapters loaded into the trainer)
+    # against the loaded files; without the delta they differ (so this can fail)
+    from fedblend.algorithms import make_algorithm
+    from fedblend.algorithms.base import load_into
+    from fedblend.comm.codec import Message
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.trainer import TextTrainer
+
+    algorithm = make_algorithm(cfg)
+    backbone, _ = load_text_backbone(cfg.model, cfg.seed)
+    trainer = TextTrainer(cfg, backbone, tok)
+    final = Message(tensors=load_state(out / "final" / "server.safetensors"))
+    adapters = algorithm.eval_adapters(final, load_state(out / "final" / "clients" / "0.safetensors"))
+    load_into(trainer, adapters)
+    ids = torch.tensor([tok(format_prompt(fed.test_by_task[mine[0]["task"]][0].instruction),
+                            add_special_tokens=False)["input_ids"]])
+    mix = dict.fromkeys(algorithm.eval_adapters_roles(), 1.0)
+    with torch.no_grad(), trainer.adapters.mixing(mix):
+        ours = trainer.model(input_ids=ids).logits
+        theirs = model(input_ids=ids).logits
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), float((ours - theirs).abs().max())
+        trainer.adapters.set_base_delta({})
+        assert not torch.allclose(trainer.model(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
 
 
 def test_refused_settings_name_their_key() -> None:
