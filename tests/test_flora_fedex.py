@@ -13,10 +13,10 @@ from conftest import fitted_raw, informative, tiny_raw
 
 from fedblend.aggregation import exact
 from fedblend.algorithms.fedex_lora import FedExLoRA
-from fedblend.algorithms.flora import FLoRA
 from fedblend.algorithms.merged_base import CUMULATIVE, INCREMENT
-from fedblend.comm.codec import BASE_DELTA, decode
-from fedblend.config import LoraConfig, config_from_dict
+from fedblend.comm.codec import BASE_DELTA, Message, decode
+from fedblend.config import config_from_dict
+from fedblend.errors import ConfigError
 from fedblend.runner import run_experiment
 from fedblend.store.files import load_state
 
@@ -197,23 +197,41 @@ def test_exported_delta_and_adapter_reproduce_the_runs_answers(tmp_path: Path, f
         assert not torch.allclose(trainer.model(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
 
 
-def test_refused_settings_name_their_key() -> None:
-    def cfg(**sections):
-        return config_from_dict(tiny_raw(**sections))
-
-    for algo in (FLoRA, FedExLoRA):
-        algo.check(cfg())
+def test_refused_settings_are_one_line_naming_the_key() -> None:
+    for algo in ("flora", "fedex_lora"):
+        config_from_dict(tiny_raw(algorithm=algo))
         for sections, key in (({"model": {"source": "tiny", "quantization": "int8"}}, "model.quantization"),
                               ({"eval": {"every": 1}}, "eval.every"),
                               ({"train": {"server_momentum": 0.9}}, "train.server_momentum"),
                               ({"aggregate": {"rule": "median"}}, "aggregate.rule"),
                               ({"lora": {"dora": True}}, "lora.dora")):
-            with pytest.raises(ValueError, match=rf"^{key}: "):
-                algo.check(cfg(**sections))
-    hetero = cfg(lora={"client_ranks": [4, 2, 2]})
-    FLoRA.check(hetero)
-    with pytest.raises(ValueError, match=r"^lora.client_ranks: fedex_lora needs every client at one rank"):
-        FedExLoRA.check(hetero)
-    with pytest.raises(ValueError, match=r"^comm.compress: "):
-        FLoRA.check(cfg(comm={"compress": "int8"}))
-    assert LoraConfig(client_ranks=[4, 2]).r == 4
+            with pytest.raises(ConfigError, match=rf"{key}: .*{algo}") as e:
+                config_from_dict(tiny_raw(algorithm=algo, **sections))
+            assert "\n" not in str(e.value)
+    config_from_dict(tiny_raw(algorithm="flora", lora={"client_ranks": [4, 2, 2]}))
+    with pytest.raises(ConfigError, match=r"lora.client_ranks: fedex_lora needs every client at one rank"):
+        config_from_dict(tiny_raw(algorithm="fedex_lora", lora={"client_ranks": [4, 2, 2]}))
+    with pytest.raises(ConfigError, match=r"comm.compress: flora"):
+        config_from_dict(tiny_raw(algorithm="flora", comm={"compress": "int8"}))
+
+
+@pytest.mark.parametrize("form", ["auto", "factored", "dense"])
+def test_the_residual_travels_in_the_form_the_settings_ask(form: str) -> None:
+    # 3 rank-2 clients on a 6 x 5 layer: factored (3 + 1) * 2 * (6 + 5) = 88 > 30 dense numbers
+    cfg = config_from_dict(tiny_raw(algorithm="fedex_lora", fedex_lora={"residual": form}))
+    algo = FedExLoRA(cfg)
+    g = torch.Generator().manual_seed(0)
+    p = "base_model.model.layers.0.q_proj"
+    ups = {c: Message({"global": {exact.a_key(p): torch.randn(2, 6, generator=g),
+                                  exact.b_key(p): torch.randn(5, 2, generator=g)}}, num_examples=c + 1)
+           for c in range(3)}
+    state = algo.merged({}, [], {}, 1.0) | {"global": ups[0].tensors["global"]}  # version 1
+    new = algo.aggregate(1, ups, state)
+    inc = new[INCREMENT]
+    assert set(inc) == ({p} if form in ("auto", "dense") else {exact.a_key(p), exact.b_key(p)})
+    s = cfg.lora.alpha / cfg.lora.r
+    want = sum((c + 1) / 6 * s * u.tensors["global"][exact.b_key(p)] @ u.tensors["global"][exact.a_key(p)]
+               for c, u in ups.items())
+    g_new = new["global"]
+    assert torch.allclose(exact.dense(inc)[p] + s * g_new[exact.b_key(p)] @ g_new[exact.a_key(p)], want, atol=1e-5)
+    assert algo.version(new) == 2 and all(algo.client_version(new, c) == 1 for c in range(3))

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from fedblend.aggregation import exact
 from fedblend.algorithms.base import ClientContext, State
 from fedblend.algorithms.fedit import train_global
 from fedblend.algorithms.merged_base import MergesIntoBase
 from fedblend.comm.codec import BASE_DELTA, Message
+from fedblend.config import Section
 
 
-class FedExLoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    residual: Literal["auto", "factored", "dense"] = "auto"  # how the residual s R travels:
-    # auto = factored or dense, whichever has fewer numbers
+class FedExLoRASettings(Section):
+    """``[fedex_lora]``."""
+
+    residual: Literal["auto", "factored", "dense"] = Field(
+        "auto", description="how each round's residual s R travels: factored ([B_1..B_k, B_bar] "
+        "times [p_1 A_1; ..; -A_bar]), dense (d_out x d_in, as the official code), or auto = "
+        "whichever has fewer numbers",
+    )
 
 
 class FedExLoRA(MergesIntoBase):

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from fedblend.adapters.lora import pad_rank, rank_of, truncate_rank
 from fedblend.aggregation import exact
 from fedblend.algorithms.base import ClientContext, State
 from fedblend.algorithms.merged_base import MergesIntoBase
 from fedblend.comm.codec import BASE_DELTA, Message
-from fedblend.config import ExperimentConfig
+from fedblend.config import ExperimentConfig, Section
 
 
-class FLoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    broadcast: Literal["auto", "factored", "dense"] = "auto"  # each round's merged increment:
-    # auto = the stacked (A_g, B_g) or the dense d_out x d_in product, whichever has fewer numbers
+class FLoRASettings(Section):
+    """``[flora]``."""
+
+    broadcast: Literal["auto", "factored", "dense"] = Field(
+        "auto", description="each round's merged increment as it travels: the stacked (A_g, B_g) "
+        "(factored), the dense d_out x d_in product, or auto = whichever has fewer numbers",
+    )
 
 
 class FLoRA(MergesIntoBase):

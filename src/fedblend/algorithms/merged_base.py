@@ -67,14 +67,6 @@ class MergesIntoBase(Algorithm):
             raise ValueError(f"lora.dora: {n}'s merge sits inside DoRA's normalisation and is no longer "
                              "exact (METHODS.md section 8e)")
 
-    # ---- settings (the registry's [section]; its defaults until cfg.section exists) ------------
-    def setting(self, key: str) -> Any:
-        try:
-            s = self.settings
-        except AttributeError:  # before the registry: cfg has no section() yet
-            s = None
-        return getattr(s if s is not None else self.Settings(), key)  # type: ignore[misc]
-
     # ---- server ---------------------------------------------------------------------------------
     @staticmethod
     def version(server_state: State) -> int:
@@ -113,7 +105,7 @@ class MergesIntoBase(Algorithm):
         ``{prefix: (A, B)}``): the next version, its increment in the form the settings ask
         for, the cumulative delta, and ``answered`` recorded at the version they trained on."""
         v = self.version(server_state)
-        inc = exact.choose(factors, scale, self.setting(self.downlink_setting))
+        inc = exact.choose(factors, scale, getattr(self.settings, self.downlink_setting))
         sync = dict(server_state.get(SYNC, {}))
         for cid in answered:
             sync[str(cid)] = torch.tensor(v, dtype=torch.int64)
