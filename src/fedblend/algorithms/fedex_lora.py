@@ -50,7 +50,7 @@ class FedExLoRA(MergesIntoBase):
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
         state = self.synced(payload, state)
         self.load_base(ctx.trainer, state)
-        return train_global(ctx, payload, self.cfg.train.local_epochs, self.cfg.train.prox_mu), state
+        return train_global(ctx, payload, self.cfg.train.local_epochs), state
 
     def aggregate(self, rnd: int, updates: dict[int, Message], server_state: State) -> State:
         cids = sorted(updates)
