@@ -17,7 +17,7 @@ from fedblend.algorithms.merged_base import CUMULATIVE, INCREMENT
 from fedblend.comm.codec import BASE_DELTA, Message, decode
 from fedblend.config import config_from_dict
 from fedblend.errors import ConfigError
-from fedblend.runner import run_experiment
+from fedblend.runner import evaluate_run, run_experiment
 from fedblend.store.files import load_state
 
 
@@ -77,6 +77,9 @@ def test_fedex_lora_merges_the_residual_exactly(tmp_path: Path, fitted_model: Pa
                               atol=1e-7)
     assert summary["adapters"]["global"] == "adapters/global"
     assert summary["adapters"][BASE_DELTA] == f"adapters/{BASE_DELTA}"
+    # `fedblend evaluate` re-scores the clients' saved final states (the delta loaded again)
+    again = evaluate_run(tmp_path / "fedex", [], tmp_path / "again")
+    assert again["clients"] == summary["clients"]
 
 
 def test_flora_heterogeneous_ranks_partial_participation_and_catch_up(tmp_path: Path, fitted_model: Path) -> None:
