@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import fitted_raw, informative, tiny_raw
 
+from fedblend.adapters.lora import truncate_rank
 from fedblend.aggregation import exact
 from fedblend.algorithms.fedex_lora import FedExLoRA
+from fedblend.algorithms.flora import FLoRA
 from fedblend.algorithms.merged_base import CUMULATIVE, INCREMENT
 from fedblend.comm.codec import BASE_DELTA, Message, decode
 from fedblend.config import config_from_dict
@@ -238,3 +240,21 @@ def test_the_residual_travels_in_the_form_the_settings_ask(form: str) -> None:
     g_new = new["global"]
     assert torch.allclose(exact.dense(inc)[p] + s * g_new[exact.b_key(p)] @ g_new[exact.a_key(p)], want, atol=1e-5)
     assert algo.version(new) == 2 and all(algo.client_version(new, c) == 1 for c in range(3))
+
+
+def test_flora_screens_each_upload_at_its_clients_rank() -> None:
+    from fedblend.text.backbone import load_text_backbone
+    from fedblend.text.trainer import TextTrainer
+    from fedblend.trust import screen_updates
+
+    cfg = config_from_dict(tiny_raw(algorithm="flora", lora={"client_ranks": [4, 2, 1]}))
+    algo = FLoRA(cfg)
+    model, tok = load_text_backbone(cfg.model, cfg.seed)
+    state = algo.init_server_state(TextTrainer(cfg, model, tok))
+    up = {k: torch.ones_like(t) for k, t in state["template"].items()}  # rank 4
+    ups = {c: Message({"global": truncate_rank(up, r)}, num_examples=3) for c, r in ((0, 4), (1, 2), (2, 2))}
+    ok, rejected = screen_updates(algo, cfg, ups, state)
+    assert sorted(ok) == [0, 1] and set(rejected) == {2} and "shape" in rejected[2]  # client 2 is rank 1
+    nan = Message({"global": {k: t * float("nan") for k, t in truncate_rank(up, 2).items()}}, num_examples=3)
+    assert "NaN" in screen_updates(algo, cfg, {1: nan}, state)[1][1]
+    assert "template" not in algo.configure_round(0, state, [0])[0].tensors  # never sent

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from fedblend.adapters.lora import pad_rank, rank_of, truncate_rank
@@ -24,6 +25,8 @@ from fedblend.algorithms.base import ClientContext, State
 from fedblend.algorithms.merged_base import MergesIntoBase
 from fedblend.comm.codec import BASE_DELTA, Message
 from fedblend.config import ExperimentConfig, Section
+
+TEMPLATE = "template"  # server state: the upload's names and shapes (zeros, at lora.r)
 
 
 class FLoRASettings(Section):
@@ -52,7 +55,15 @@ class FLoRA(MergesIntoBase):
                              "on the server to take a delta against; use 'none'")
 
     def init_server_state(self, trainer) -> State:
-        return self.fresh_server_state()
+        # zeros shaped like the server-rank adapter: what each upload is screened against (never sent)
+        template = {k: torch.zeros_like(t) for k, t in trainer.adapters.get("global").items()}
+        return {TEMPLATE: template, **self.fresh_server_state()}
+
+    def expected_update(self, cid: int, server_state: State, update: Message) -> State:
+        """Client ``cid``'s upload: its fresh adapter at its own rank (names, shapes, dtypes)."""
+        if TEMPLATE not in server_state:
+            return server_state
+        return {"global": truncate_rank(server_state[TEMPLATE], self.cfg.client_rank(cid))}
 
     def local_update(self, ctx: ClientContext, payload: Message, state: State) -> tuple[Message, State]:
         state = self.synced(payload, state)
