@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedblend.algorithms.base import Algorithm, ClientContext, State
-from fedblend.comm.codec import Message
+from fedblend.comm.codec import BASE_DELTA, Message
 from fedblend.config import ExperimentConfig
 from fedblend.store.rundir import RunDir
 
@@ -120,7 +120,8 @@ class Modality(ABC):
     # ---- outputs --------------------------------------------------------------------------
     def export_adapters(self, algorithm: Algorithm, trainer: Any, run: RunDir,
                         finals: dict[int, Message], states: dict[int, State]) -> dict[str, Any]:
-        """``adapters/global`` and (``export_local``) ``adapters/local/client_<cid>``."""
+        """``adapters/global``, ``adapters/base_delta`` (FLoRA, FedEx-LoRA) and
+        (``export_local``) ``adapters/local/client_<cid>``."""
         out: dict[str, Any] = {"local": {}}
         global_done = False
         for cid, state in states.items():
@@ -133,6 +134,9 @@ class Modality(ABC):
                     trainer.adapters.export("global", tensors, run.path / "adapters" / "global")
                     out["global"] = "adapters/global"
                     global_done = True
+                elif role == BASE_DELTA and BASE_DELTA not in out:  # every client's, after the final sync
+                    trainer.adapters.export(BASE_DELTA, tensors, run.path / "adapters" / BASE_DELTA)
+                    out[BASE_DELTA] = f"adapters/{BASE_DELTA}"
                 elif role == "local" and self.export_local:
                     rel = f"adapters/local/client_{cid}"
                     trainer.adapters.export("local", tensors, run.path / rel)

@@ -41,11 +41,13 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from fedblend.comm.codec import BASE_DELTA
 from fedblend.config import LoraConfig
 
 ROLES = ("global", "local")
 LORA_KINDS = ("lora_A", "lora_B")
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude m (1-D, d_out), PEFT's parameter name
+BASE_DELTA_FILE = "base_delta.safetensors"  # an exported base-weight delta (FLoRA, FedEx-LoRA)
 Tensors = dict[str, torch.Tensor]
 Weight = float | torch.Tensor
 
@@ -226,6 +228,8 @@ class DualLoRA:
     # ---- export ---------------------------------------------------------------------------
     def export(self, role: str, tensors: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
         """Write ``tensors`` as a PEFT adapter directory loadable by ``PeftModel.from_pretrained``."""
+        if role == BASE_DELTA:  # not an adapter: the base-weight delta, as a safetensors file
+            return self.export_base_delta(tensors, out_dir)
         saved = self.get(role)
         self.set(role, tensors)
         out_dir = Path(out_dir)
@@ -245,6 +249,66 @@ class DualLoRA:
             shutil.rmtree(tmp, ignore_errors=True)
             self.set(role, saved)
         return out_dir
+
+
+    # ---- a dense increment of the frozen base weights (FLoRA, FedEx-LoRA) -------------------
+    def base_layers(self) -> dict[str, LoraLayer]:
+        """The adapted layers by PEFT module prefix (the part of a LoRA key before ``.lora_A.``)."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+
+    def set_base_delta(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        """Set each adapted layer's frozen weight to ``W0 + delta`` (``deltas``: PEFT module
+        prefix -> ``d_out x d_in``, nn.Linear layout; a fan_in_fan_out layer such as GPT-2's
+        Conv1D, which stores the transpose, gets it transposed). Layers not named go back to
+        ``W0``. ``W0`` is kept on the first call, so setting is idempotent: the in-process
+        engine's one backbone takes each simulated client's own delta in turn. The sum is
+        formed in float32 and stored in the weight's dtype."""
+        own = self.base_layers()
+        unknown = sorted(set(deltas) - set(own))
+        if unknown:
+            raise ValueError(f"base delta names unknown layers: {unknown[:3]}")
+        w0 = self.__dict__.setdefault("_w0", {})
+        with torch.no_grad():
+            for prefix, layer in own.items():
+                w = layer.get_base_layer().weight
+                if prefix not in w0:
+                    if prefix not in deltas:
+                        continue  # never changed: W0 as loaded
+                    w0[prefix] = w.detach().clone()
+                d = deltas.get(prefix)
+                if d is None:
+                    w.copy_(w0[prefix])
+                    continue
+                d = d.t() if getattr(layer, "fan_in_fan_out", False) else d
+                if tuple(d.shape) != tuple(w.shape):
+                    raise ValueError(f"base delta {prefix}: shape {list(d.shape)}, weight {list(w.shape)}")
+                w.copy_((w0[prefix].float() + d.to(w.device, torch.float32)).to(w.dtype))
+
+    def base_delta_file(self, deltas: Mapping[str, torch.Tensor]) -> Tensors:
+        """``deltas`` as a file to add to the base model's own weights: keyed by the base
+        weight's name in the model ``from_pretrained`` loads (``model.layers.0.self_attn.q_proj.weight``)
+        and in that weight's layout (GPT-2 Conv1D: transposed), float32."""
+        own = self.base_layers()
+        strip = "base_model.model."
+        out: Tensors = {}
+        for prefix, d in sorted(deltas.items()):
+            layer = own[prefix]
+            d = d.t() if getattr(layer, "fan_in_fan_out", False) else d
+            out[f"{prefix.removeprefix(strip)}.weight"] = d.detach().to("cpu", torch.float32).contiguous()
+        return out
+
+    def export_base_delta(self, deltas: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
+        """Write :meth:`base_delta_file` as ``out_dir/base_delta.safetensors`` (atomically)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / BASE_DELTA_FILE
+        tmp = out_dir / f".{BASE_DELTA_FILE}.tmp"
+        save_file(self.base_delta_file(deltas), str(tmp),
+                  metadata={"format": "add to the base model's weights of the same names (W = W0 + delta)"})
+        tmp.replace(path)
+        return path
 
 
 def tensor_kind(key: str) -> str:

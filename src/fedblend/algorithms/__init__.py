@@ -36,6 +36,8 @@ _REGISTRY: dict[str, str] = {
     "scaffold": "fedblend.algorithms.scaffold:Scaffold",
     "flexlora": "fedblend.algorithms.flexlora:FlexLoRA",
     "hetlora": "fedblend.algorithms.hetlora:HetLoRA",
+    "flora": "fedblend.algorithms.flora:FLoRA",
+    "fedex_lora": "fedblend.algorithms.fedex_lora:FedExLoRA",
     # vision (TriplePlay's paper and its baselines)
     "zeroshot": "fedblend.algorithms.fedclip:ZeroShot",
     "linear_probe": "fedblend.algorithms.fedclip:LinearProbe",

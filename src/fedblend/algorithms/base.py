@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedblend.aggregation.fedavg import weighted_mean
-from fedblend.comm.codec import Message, State, Tensors
+from fedblend.comm.codec import BASE_DELTA, Message, State, Tensors
 from fedblend.config import ExperimentConfig
 
 MOMENTUM = "server_momentum."  # server-state key prefix of a role's momentum buffer (never sent)
@@ -200,6 +200,11 @@ class Algorithm(ABC):
         roles = sorted(self.eval_adapters_roles())
         return {r: 1.0 for r in roles}, None
 
+    def global_base_delta(self, server_state: State) -> Tensors | None:
+        """The base-weight delta every client's model holds after the final payload, for the
+        server to export (FLoRA, FedEx-LoRA); None: the method leaves the base weights alone."""
+        return None
+
     def eval_adapters_roles(self) -> tuple[str, ...]:
         return ("global",)
 
@@ -212,4 +217,7 @@ class Algorithm(ABC):
 
 def load_into(trainer, adapters: State) -> None:
     for role, tensors in adapters.items():
-        trainer.adapters.set(role, tensors)
+        if role == BASE_DELTA:  # the frozen weights' increment (FLoRA, FedEx-LoRA): W = W0 + delta
+            trainer.adapters.set_base_delta(tensors)
+        else:
+            trainer.adapters.set(role, tensors)

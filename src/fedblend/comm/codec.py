@@ -18,6 +18,10 @@ from safetensors.torch import save as st_save
 Tensors = dict[str, torch.Tensor]
 State = dict[str, Tensors]
 """Named tensors grouped by role (``global``, ``local``, ...): a client's or the server's state."""
+BASE_DELTA = "base_delta"
+"""The role of a dense increment of the frozen base weights (FLoRA, FedEx-LoRA): PEFT module
+prefix -> ``d_out x d_in``. In ``Algorithm.eval_adapters`` it is loaded into the backbone
+(``DualLoRA.set_base_delta``), not as a LoRA adapter."""
 SEP = "::"
 
 

@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedblend.algorithms import make_algorithm
 from fedblend.algorithms.base import Algorithm
+from fedblend.comm.codec import BASE_DELTA, decode
 from fedblend.comm.codec import Message as FbMessage
-from fedblend.comm.codec import decode
 from fedblend.config import ExperimentConfig, load_config
 from fedblend.engines.flower import faults, wire
 from fedblend.errors import ConfigError, FedblendError
@@ -284,6 +284,9 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
     if "global" in final.tensors and "global" in algorithm.eval_adapters_roles():
         trainer.adapters.export("global", final.tensors["global"], run.path / "adapters" / "global")
         exported["global"] = "adapters/global"
+    if (delta := algorithm.global_base_delta(loop.server_state)) is not None:  # FLoRA, FedEx-LoRA
+        trainer.adapters.export(BASE_DELTA, delta, run.path / "adapters" / BASE_DELTA)
+        exported[BASE_DELTA] = f"adapters/{BASE_DELTA}"
     finish = [m.get("finish_s", 0.0) for m in clients.messages if m["type"] == MessageType.EVALUATE]
     prepared = [m["feature_s"] for m in clients.messages if "feature_s" in m]
     times = {"wall_s": time.perf_counter() - t0, "load_s": load_s, "train_s": loop.train_s,
