@@ -66,7 +66,8 @@ SCALES: dict[str, dict[str, Any]] = {
                       "synthetic_test_per_task": 2},
              "train": {"rounds": 1, "local_epochs": 1, "lr": 5e-3, "batch_size": 4,
                        "micro_batch_size": 2},
-             "eval": {"max_per_task": 2, "max_new_tokens": 4, "batch_size": 8, "dynamic_top_k": 2}},
+             "eval": {"max_per_task": 2, "max_new_tokens": 4, "batch_size": 8},
+             "feddpa": {"dynamic_top_k": 2}},
 }
 # without AMX or AVX512-BF16 torch multiplies bfloat16 matrices on a fallback kernel (0.1 GFLOP/s
 # on an AMD EPYC with AVX2 only): a 2048^2 product would take minutes, so the bfloat16 peak is
