@@ -134,16 +134,27 @@ def write(results: dict[str, dict], note: str, cap: int, threads: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "population.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    doc = {"inprocess": results, "simulation": old.get("simulation", {}),
+    # the simulation runtime's figures come from benchmarks/population_sim.py (its own JSON)
+    sim_path = RESULTS / "population_sim.json"
+    sim = json.loads(sim_path.read_text()).get("simulation", {}) if sim_path.is_file() else old.get("simulation", {})
+    doc = {"inprocess": results, "simulation": sim,
            "setting": {"cpu": cpu_name(), "threads": os.cpu_count(), "base": "configs/tiny/fedit.toml",
                        "overrides": [o for o in overrides(0, cap, threads) if "num_clients" not in o], "note": note}}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     rows = [("| clients | build s | s / round (min-max) | eval s | peak RSS MB | process wall s | run dir | "
             "evaluated | generated |"), "|---|---|---|---|---|---|---|---|---|"]
+    reps = max(int(r.get("repeats", 1)) for r in results.values())
+
+    def cell(r: dict, k: str, fmt: str) -> str:
+        """The value (the median over the repeats), and its min-max over the repeats; with one
+        run, a round's mean and the min-max over its rounds."""
+        lo, hi = r.get(f"{k}_range") or ((r["round_s_min"], r["round_s_max"]) if k == "round_s" else (None, None))
+        return format(r[k], fmt) + ("" if lo is None else f" ({format(lo, fmt)}-{format(hi, fmt)})")
+
     for n, r in results.items():
         rows.append(
-            f"| {int(n):,} | {r['build_s']:.2f} | {r['round_s']:.2f} ({r['round_s_min']:.2f}-{r['round_s_max']:.2f}) | "
-            f"{r['eval_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} | {r['run_dir_bytes'] / 1e6:.2f} MB | "
+            f"| {int(n):,} | {cell(r, 'build_s', '.2f')} | {cell(r, 'round_s', '.2f')} | {cell(r, 'eval_s', '.2f')} | "
+            f"{cell(r, 'peak_rss_mb', '.0f')} | {cell(r, 'wall_s', '.1f')} | {r['run_dir_bytes'] / 1e6:.2f} MB | "
             f"{r['clients_evaluated']} ({r['eval_mode']}) | {r['generated_instances']:,} |")
     md = [
         "# Population scale: clients registered vs cost per round (in-process)",
@@ -168,8 +179,33 @@ def write(results: dict[str, dict], note: str, cap: int, threads: int) -> None:
         "interpreter start to exit (imports, model build, run, report), measured by the parent; run dir: "
         "bytes of every file in the run directory."),
         "",
+        (f"{reps} runs of each N, each in a fresh process: each figure is the median over the runs, in brackets "
+         "the min-max over the runs."
+         if reps > 1 else "One run of each N: s / round's brackets are the min-max over its 3 rounds."),
+        "",
     ]
+    md += targets(results)
     (RESULTS / "population.md").write_text("\n".join(md))
+
+
+def targets(results: dict[str, dict]) -> list[str]:
+    """Issue 19's targets, computed from the table (those whose sizes were measured)."""
+    r = {int(n): v for n, v in results.items()}
+    out = []
+    if 100 in r and 10000 in r:
+        a, b = r[100], r[10000]
+        out += [f"- s / round at N = 10,000 vs N = 100: {b['round_s'] / a['round_s']:.2f}x (target at most 1.2x)",
+                f"- peak RSS at N = 10,000 vs N = 100: {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x (target at most 1.2x)"]
+    if 10000 in r:
+        b = r[10000]
+        out += [f"- federation built at N = 10,000 in {b['build_s']:.2f} s (target under 10 s)",
+                (f"- the whole run at N = 10,000 in {b['wall_s']:.1f} s of process wall (target under 120 s), "
+                f"its run directory {b['run_dir_bytes'] / 1e6:.2f} MB (target under 50 MB)")]
+    if 1000 in r:
+        b = r[1000]
+        out += [(f"- N = 1,000: {b['wall_s']:.1f} s of process wall, peak RSS {b['peak_rss_mb']:.0f} MB "
+                "(target under 60 s and 2 GB)")]
+    return ["## The targets (computed from the table)", "", *out, ""] if out else []
 
 
 def main() -> None:
@@ -181,16 +217,24 @@ def main() -> None:
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     ap.add_argument("--cap", type=int, default=6, help="data.max_train_per_client (0 = all the client holds)")
     ap.add_argument("--threads", type=int, default=1, help="engine.threads (0 = torch's default)")
+    ap.add_argument("--render", action="store_true", help="write population.md again from population.json")
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.out, args.cap, args.threads)))
         return
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: SST-2 not found")
+    if args.render:  # the markdown again from population.json (no run)
+        doc = json.loads((RESULTS / "population.json").read_text())
+        write(doc["inprocess"], doc["setting"]["note"], args.cap, args.threads)
+        return
     results: dict[str, dict] = {}
+    runs: dict[int, list[dict]] = {n: [] for n in args.sizes}
+    for _ in range(args.repeat):  # the sizes in turn, so a slow spell of the machine hits each alike
+        for n in args.sizes:
+            runs[n].append(measure(n, args.cap, args.threads))
     for n in args.sizes:
-        reps = [measure(n, args.cap, args.threads) for _ in range(args.repeat)]
-        results[str(n)] = combine(reps)
+        results[str(n)] = combine(runs[n])
         r = results[str(n)]
         print(f"N={n:>6}: build {r['build_s']:.2f} s, round {r['round_s']:.2f} s, eval {r['eval_s']:.2f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, wall {r['wall_s']:.1f} s, run dir {r['run_dir_bytes'] / 1e6:.2f} MB",
