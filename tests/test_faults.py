@@ -218,3 +218,23 @@ def test_resume_from_a_checkpoint_of_the_unversioned_layout_keeps_every_client_s
         got = files.load_state(out / "final" / "clients" / f"{cid}.safetensors")
         assert got.keys() == want.keys() == {"local"}
         assert all(torch.equal(got["local"][k], want["local"][k]) for k in want["local"])
+
+
+def test_deploy_resume_of_a_run_without_checkpoint_starts_it_over_and_of_a_complete_run_is_refused(tmp_path: Path):
+    # `fedblend deploy local|sim --resume` decides before any daemon starts, as `run --resume` does
+    from fedblend.config import load_config
+    from fedblend.deploy.local import check_resume
+    from fedblend.errors import FedblendError
+
+    never = tmp_path / "never"
+    assert check_resume(never, resume=False) is None
+    assert "starting from round 0" in check_resume(never, resume=True)
+    killed = tmp_path / "killed"  # what a SIGKILL before the first checkpoint leaves
+    RunDir(killed).start(load_config(TINY).to_dict(), resume=False)
+    assert check_resume(killed, resume=True) == f"{killed}: no checkpoint yet (stopped before its first); starting from round 0"
+    (killed / "checkpoint").mkdir()
+    (killed / "checkpoint" / "state.json").write_text('{"rounds_completed": 1}')
+    assert check_resume(killed, resume=True) is None  # continues from the checkpoint
+    (killed / "summary.json").write_text("{}")  # a run is complete once its summary is written
+    with pytest.raises(FedblendError, match="already complete"):
+        check_resume(killed, resume=True)

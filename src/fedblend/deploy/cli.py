@@ -31,7 +31,7 @@ def local(
     """
     from fedblend.config import load_config
     from fedblend.console import print_summary, user_errors
-    from fedblend.deploy.local import deploy_local
+    from fedblend.deploy.local import check_resume, deploy_local
 
     with user_errors():
         gpu_list = None
@@ -42,6 +42,8 @@ def local(
             check_gpus(gpu_list)
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
+        if note := check_resume(out_dir.resolve(), resume):
+            typer.echo(note, err=True)
         summary, dep = deploy_local(config, nodes, set_ or [], out_dir, tls=tls or auth, auth=auth,
                                     timeout=timeout, resume=resume, gpus=gpu_list)
     print_summary(summary, out_dir)
@@ -72,12 +74,15 @@ def sim(
     """
     from fedblend.config import load_config
     from fedblend.console import print_summary, user_errors
+    from fedblend.deploy.local import check_resume
     from fedblend.deploy.sim import deploy_sim
     from fedblend.signals import sigterm_interrupts
 
     with user_errors():
         cfg = load_config(config, set_ or [])
         out_dir = out or Path("runs") / cfg.name
+        if note := check_resume(out_dir.resolve(), resume):
+            typer.echo(note, err=True)
         try:
             with sigterm_interrupts():
                 summary, res = deploy_sim(config, nodes, set_ or [], out_dir, cpus_per_client=cpus_per_client,

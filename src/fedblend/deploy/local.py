@@ -288,6 +288,21 @@ def app_dir() -> Path:
     return Path(str(files("fedblend") / "resources" / "flower_app"))
 
 
+def check_resume(out: Path, resume: bool) -> str | None:
+    """What ``--resume`` of ``out`` will do, before any daemon starts: a completed run is an
+    error; a run stopped before its first checkpoint (or never started) starts from round 0,
+    as ``fedblend run --resume`` does, and the returned note says so."""
+    from fedblend.store.rundir import RunDir
+
+    if not resume:
+        return None
+    if RunDir(out).complete:
+        raise FedblendError(f"{out}: run already complete; nothing to resume")
+    if not (out / "checkpoint" / "state.json").is_file():
+        return f"{out}: no checkpoint yet (stopped before its first); starting from round 0"
+    return None
+
+
 def deploy_local(
     config: Path, nodes: int, overrides: list[str], out: Path, work: Path | None = None,
     tls: bool = False, auth: bool = False, timeout: float = 3600, resume: bool = False,
@@ -304,8 +319,7 @@ def deploy_local(
     from fedblend.store.rundir import RunDir
 
     out = Path(out).resolve()
-    if resume and not (out / "checkpoint" / "state.json").is_file():
-        raise FedblendError(f"{out}: no checkpoint to resume from")  # before starting any daemon
+    check_resume(out, resume)  # before starting any daemon
     if gpus:
         check_gpus(gpus)
     work = Path(work or out.parent / f".{out.name}.deploy").resolve()

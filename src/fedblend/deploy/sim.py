@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from fedblend.config import ExperimentConfig, load_config
-from fedblend.deploy.local import QUIET_ENV
+from fedblend.deploy.local import QUIET_ENV, check_resume
 from fedblend.errors import ConfigError, FedblendError
 
 INSTALL_HINT = "pip install 'fedblend[simulation]' (or 'flwr[simulation]>=1.41,<1.42')"
@@ -235,8 +235,7 @@ def deploy_sim(
     if cpus_per_client <= 0 or gpus_per_client < 0:
         raise ConfigError(f"--cpus-per-client {cpus_per_client:g} must be > 0 and "
                           f"--gpus-per-client {gpus_per_client:g} >= 0")
-    if resume and not (out / "checkpoint" / "state.json").is_file():
-        raise FedblendError(f"{out}: no checkpoint to resume from")
+    check_resume(out, resume)
     actors = 0
     if ray_address is None:
         cpus = float(ray_cpus or os.cpu_count() or 1)
