@@ -38,6 +38,47 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "feddpa_t.toml"
 
 
+KEYS = ("rounds", "rounds_logged", "rounds_contiguous", "server_kills", "node_kills", "rounds_with_drops",
+        "every_round_accounts_for_its_clients", "rss_growth", "fd_growth", "node_disk_bytes", "processes_left",
+        "equal_to_undisturbed", "run_status", "wall_s")
+
+
+def render(res: dict) -> str:
+    """The markdown tables of one soak's JSON (as in benchmarks/results/soak.md)."""
+    out = ["| key | value |", "|---|---|"]
+    out += [f"| {k} | {res[k]} |" for k in KEYS if k in res]
+    out += ["", "| process | same process | RSS MB (r10 -> rR) | fds (r10 -> rR) |", "|---|---|---|---|"]
+    for role, g in sorted(res["growth"].items()):
+        (a, b), (fa, fb) = g["rss_mb"], g["fds"]
+        out.append(f"| {role} | {g['same_process']} | {a:.0f} -> {b:.0f} ({g['rss_ratio']:.3f}) | "
+                   f"{fa} -> {fb} ({g['fd_ratio']:.2f}) |")
+    roles = sorted({r for s in res["samples"] for r in s["procs"]})
+    long_lived = [r for r in roles if res["growth"].get(r, {}).get("same_process")]
+    out += ["", ("Every 10 rounds: the nodes' state on disk, and RSS MB / open descriptors of the processes "
+            "that lived from round 10 to the end:"), "",
+            "| round | node state bytes | snapshots (all nodes) | " + " | ".join(long_lived) + " |",
+            "|---|---|---|" + "---|" * len(long_lived)]
+    for smp in res["samples"]:
+        cells = []
+        for r in long_lived:
+            p = smp["procs"].get(r)
+            cells.append(f"{p['rss_mb']:.0f} / {p['fds']}" if p else "-")
+        out.append(f"| {smp['round']} | {smp['node_disk_bytes']} | {smp['snapshots']} | " + " | ".join(cells) + " |")
+    out.append("")
+    for e in res["events"]:
+        if e["kind"] == "server_kill":
+            out.append(f"- round {e['round']}: ServerApp SIGKILLed (checkpoint held {e['checkpointed']} rounds); resumed")
+        elif e["kind"] == "node_kill":
+            back = f"back after {e['back_after_s']:.0f} s" if "back_after_s" in e else "not back by the end"
+            out.append(f"- round {e['round']}: SuperNode {e['node']} SIGKILLed; started {e['starts']} time(s), {back}")
+        else:
+            out.append(f"- round {e['round']}: {e['kind']} ({e.get('why', '')})")
+    drops = [f"{r['round']}: " + ", ".join(f"{c} ({w[:40]})" for c, w in r["dropped"].items())
+             for r in res["per_round"] if r["dropped"]]
+    out += ["", f"rounds with drops ({len(drops)}): " + "; ".join(drops), "", f"host: {res.get('host')}", ""]
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
@@ -47,7 +88,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--between-rounds", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=4 * 3600)
+    ap.add_argument("--render", action="store_true", help="print the markdown tables of --out (no run)")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.out.read_text())))
+        return 0
     from fedblend.deploy.local import QUIET_ENV
 
     os.environ.update(QUIET_ENV)

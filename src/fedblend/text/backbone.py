@@ -131,9 +131,14 @@ def smollm2_checkpoint() -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # the target exists
+            if not ((target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()):
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete copy: replace it
+                tmp.rename(target)
+            # else another process (a parallel test worker, a second run) converted it first:
+            # only finished conversions are renamed into place, so its copy is whole; keep it
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

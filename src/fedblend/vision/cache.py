@@ -8,6 +8,7 @@ corruption, in order. Any change gives a new key, so a stale file is never read.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class FeatureCache:
         feats = compute_features(self.backbone.encode, examples, self.size, mean, std, self.batch_size, progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes sharing the cache: each its own
             save_file({"features": feats.contiguous()}, str(tmp))
             tmp.replace(path)
         return feats
