@@ -64,11 +64,12 @@ class Soak:
 
     The kill plan, seeded by ``seed``: ``node_kills`` SuperNode kills (default: 10% of the
     rounds) in rounds drawn from 1..R-1, ``server_kills`` ServerApp kills in rounds drawn from
-    R/5..R-1; ``node_rounds`` (rounds, or round -> node) / ``server_rounds`` name them instead."""
+    R/5..R-1; ``node_rounds`` (rounds, or round -> node or tuple of nodes) / ``server_rounds``
+    name them instead."""
 
     def __init__(self, work: Path, out: Path, rounds: int, timeout: float, seed: int, between: bool, *,
                  config: Path, nodes: int = NODES, node_kills: int | None = None, server_kills: int = 2,
-                 node_rounds: list[int] | dict[int, int] | None = None, server_rounds: list[int] | None = None,
+                 node_rounds: list[int] | dict[int, int | tuple[int, ...]] | None = None, server_rounds: list[int] | None = None,
                  extra_overrides: list[str] | None = None) -> None:
         from fedblend.deploy.certs import make_certs
         from fedblend.deploy.local import LocalDeployment
@@ -259,10 +260,10 @@ class Soak:
                 self.sample(cur)
             since = time.monotonic() - seen_start[cur]
             self.restart_nodes()
-            if cur in plan_nodes and cur not in done_nodes and not self.between:
-                i = plan_nodes[cur]
-                if since >= delays[cur]:
-                    done_nodes.add(cur)
+            if cur in plan_nodes and cur not in done_nodes and not self.between and since >= delays[cur]:
+                done_nodes.add(cur)
+                planned = plan_nodes[cur]
+                for i in planned if isinstance(planned, tuple) else (planned,):
                     self.kill_node(i, cur)
             if cur in server_rounds and cur not in done_server:
                 if self.between and self.checkpointed() == cur:
