@@ -294,13 +294,7 @@ def check_resume(out: Path, resume: bool) -> str | None:
     as ``fedblend run --resume`` does, and the returned note says so."""
     from fedblend.store.rundir import RunDir
 
-    if not resume:
-        return None
-    if RunDir(out).complete:
-        raise FedblendError(f"{out}: run already complete; nothing to resume")
-    if not (out / "checkpoint" / "state.json").is_file():
-        return f"{out}: no checkpoint yet (stopped before its first); starting from round 0"
-    return None
+    return RunDir(out).resume_note() if resume else None
 
 
 def deploy_local(

@@ -61,8 +61,7 @@ class RunDir:
             raise FedblendError(f"{self.path}: holds a completed run; choose another --out")
         ckpt = self.path / "checkpoint" / "state.json"
         if resume:
-            if self.complete:
-                raise FedblendError(f"{self.path}: run already complete; nothing to resume")
+            self.note = self.resume_note()
             if ckpt.is_file():
                 saved = json.loads((self.path / "config.json").read_text())
                 if _comparable(saved) != _comparable(config):
@@ -74,8 +73,6 @@ class RunDir:
                 self._truncate_metrics(done)
                 self.set_status("running", resumed_at_round=done)
                 return done
-            if self._is_run() or not self._has_files():
-                self.note = f"{self.path}: no checkpoint yet (stopped before its first); starting from round 0"
         if self._has_files():
             if ckpt.is_file():
                 raise FedblendError(
@@ -91,6 +88,19 @@ class RunDir:
         atomic_write(self.path / "config.toml", tomli_w.dumps(_toml_safe(config)))
         (self.path / "metrics.jsonl").write_text("")
         return 0
+
+    def resume_note(self) -> str | None:
+        """What a resume of this directory will do, decided before anything is written: a
+        completed run is an error; a run stopped before its first checkpoint (or never started)
+        starts from round 0, and the returned note says so; ``None``: it continues from its
+        checkpoint (or, holding something other than a run, is refused by :meth:`start`)."""
+        if self.complete:
+            raise FedblendError(f"{self.path}: run already complete; nothing to resume")
+        if (self.path / "checkpoint" / "state.json").is_file():
+            return None
+        if self._is_run() or not self._has_files():
+            return f"{self.path}: no checkpoint yet (stopped before its first); starting from round 0"
+        return None
 
     def _has_files(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())
