@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = next((p / "shared" / "data" / "sst2" for p in (ROOT.parent, ROOT.parent.parent)
              if (p / "shared" / "data" / "sst2").is_dir()), ROOT.parent / "shared" / "data" / "sst2")
 BASE = ROOT / "configs" / "tiny" / "fedit.toml"
+SMOLLM2 = ROOT / "configs" / "sst2" / "feddpa_f_n100.toml"  # --smollm2: the real-model run
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -137,7 +138,7 @@ def write(results: dict[str, dict], note: str, cap: int, threads: int) -> None:
     # the simulation runtime's figures come from benchmarks/population_sim.py (its own JSON)
     sim_path = RESULTS / "population_sim.json"
     sim = json.loads(sim_path.read_text()).get("simulation", {}) if sim_path.is_file() else old.get("simulation", {})
-    doc = {"inprocess": results, "simulation": sim,
+    doc = {"inprocess": results, "simulation": sim, **({"smollm2": old["smollm2"]} if "smollm2" in old else {}),
            "setting": {"cpu": cpu_name(), "threads": os.cpu_count(), "base": "configs/tiny/fedit.toml",
                        "overrides": [o for o in overrides(0, cap, threads) if "num_clients" not in o], "note": note}}
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -208,6 +209,125 @@ def targets(results: dict[str, dict]) -> list[str]:
     return ["## The targets (computed from the table)", "", *out, ""] if out else []
 
 
+def smollm2(note: str, keep: Path | None, source: Path | None = None) -> None:
+    """The real-model run: ``fedblend run configs/sst2/feddpa_f_n100.toml`` as a user types it
+    (FedDPA-F, SmolLM2-135M-Instruct, N = 100, K = 10, label-skew SST-2), then
+    ``fedblend evaluate --sweep feddpa.weighting=global,local`` on the same trained adapters: what
+    the instance-wise blend gives beside either adapter alone, on the same clients and test sets.
+    Figures come from the runs' summary.json; written to population.json's ``smollm2`` and
+    population_smollm2.md. ``source``: a completed run of that config to record instead of
+    training one (its process wall and terminal output are then unknown)."""
+    cli = [sys.executable, "-c", "from fedblend.cli import main; main()"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    tmp = Path(tempfile.mkdtemp(prefix="pop_smollm2_"))
+    out = source or keep or tmp / "run"
+    try:
+        wall, terminal = None, None
+        if source is None:
+            t = time.perf_counter()
+            proc = subprocess.run([*cli, "run", str(SMOLLM2.relative_to(ROOT)), "--out", str(out)], cwd=ROOT,
+                                  env=env, check=False, capture_output=True, text=True)
+            wall, terminal = time.perf_counter() - t, proc.stdout
+            if proc.returncode != 0:
+                raise SystemExit(f"{SMOLLM2.name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        s = json.loads((out / "summary.json").read_text())
+        proc2 = subprocess.run([*cli, "evaluate", str(out), "--out", str(tmp / "sweep"), "--sweep",
+                                "feddpa.weighting=global,local"], cwd=ROOT, env=env, check=False,
+                               capture_output=True, text=True)
+        if proc2.returncode != 0:
+            raise SystemExit(f"evaluate --sweep: exit {proc2.returncode}\n{proc2.stderr[-3000:]}")
+        sweep = json.loads((tmp / "sweep" / "sweep.json").read_text())
+        rows = {}
+        for row in sweep["rows"]:
+            sub = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+            rows[row["label"].split("=", 1)[1]] = {"P": sub["evaluation"]["P"], "TTP": sub["evaluation"]["TTP"],
+                                                   "eval_s": sub["time"]["eval_s"]}
+        ev = s["evaluation"]
+        rec = {
+            "config": str(SMOLLM2.relative_to(ROOT)), "algorithm": s["algorithm"], "weighting": s.get("weighting"),
+            "clients": ev["clients"], "clients_per_round": 10, "rounds": s["rounds"], "metric": s["metric"],
+            "evaluation": {k: ev[k] for k in ("mode", "clients_evaluated", "ttp", "pooled_test_instances")},
+            "P": ev["P"], "TTP": ev["TTP"], "interval": ev["interval"],
+            "per_client": {c: {"P": v["P"], "TTP": v["TTP"]} for c, v in s["clients"].items()},
+            "weightings": rows, "instance_weights": s["instance_weights"],
+            "time": {k: s["time"][k] for k in ("build_s", "load_s", "train_s", "finish_s", "eval_s", "wall_s")},
+            "per_round_s": s["time"]["per_round_s"], "process_wall_s": wall,
+            "peak_rss_mb": s["memory"]["peak_rss_mb"], "run_dir_bytes": dir_bytes(out),
+            "bytes_up": s["comm"]["bytes_up"], "bytes_down": s["comm"]["bytes_down"],
+            "loss_per_round": [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())],
+            "terminal": terminal, "recorded_from": str(source) if source else None, "cpu": cpu_name(), "note": note,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    path = RESULTS / "population.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["smollm2"] = rec
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_smollm2(rec)
+
+
+def write_smollm2(r: dict) -> None:
+    def ci(e: dict) -> str:
+        return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+    t = r["time"]
+    w = r["weightings"]
+    wt = r["weighting"] or {}
+    iw = r["instance_weights"] or {}
+    md = [
+        "# Population scale with a real model: FedDPA-F, SmolLM2-135M-Instruct, 100 clients",
+        "",
+        (f"`PYTHONPATH=src python benchmarks/population.py --smollm2`: `fedblend run {r['config']}` (its header "
+         "says every setting and why): SST-2's training sentences split over 100 clients by a Dirichlet(0.3) "
+         "draw over the labels (most clients hold mostly one sentiment), K = 10 sampled per round, "
+         f"{r['rounds']} rounds, each sampled client training on at most 16 of its sentences; FedDPA-F then fine-tunes "
+         "every client's local adapter. Evaluation: a seeded sample of "
+         f"{r['evaluation']['clients_evaluated']} of {r['clients']} clients, 8 of its own test sentences each (P), "
+         f"and one pooled test set of {r['evaluation']['pooled_test_instances']} sentences drawn over all clients "
+         f"(TTP); {r['metric']} of the one-word answer; 95% intervals: {r['interval']}."),
+        "",
+        f"CPU: {r['cpu']}. {r['note']}",
+        "",
+        "| | P | TTP |",
+        "|---|---|---|",
+        f"| FedDPA-F, `feddpa.weighting={wt.get('mode', wt)}` (the run) | {ci(r['P'])} | {ci(r['TTP'])} |",
+        *(f"| the same adapters, `feddpa.weighting={k}` | {ci(v['P'])} | {ci(v['TTP'])} |" for k, v in w.items()),
+        "",
+        ("Same trained adapters, same evaluated clients and test sets in every row (`fedblend evaluate "
+         "--sweep`); the intervals are over the 10 evaluated clients, so rows share their sampling error "
+         "and differ by less than their intervals suggest. One seed: no interval over training seeds."),
+        "",
+        "| key | value |",
+        "|---|---|",
+        f"| loss per round (mean over the sampled clients) | {', '.join(f'{x:.3f}' for x in r['loss_per_round'])} |",
+        f"| build the federation (read + Dirichlet partition) | {t['build_s']:.1f} s |",
+        f"| s / round (K = 10) | {', '.join(f'{x:.1f}' for x in r['per_round_s'])} |",
+        f"| train (all rounds) | {t['train_s']:.0f} s |",
+        f"| FedDPA-F fine-tuning of the 100 local adapters | {t['finish_s']:.0f} s |",
+        f"| evaluation ({r['evaluation']['clients_evaluated']} clients) | {t['eval_s']:.0f} s |",
+        (f"| run wall (summary) / process wall | {t['wall_s']:.0f} s / "
+        f"{'not measured' if r['process_wall_s'] is None else format(r['process_wall_s'], '.0f') + ' s'} |"),
+        f"| peak RSS | {r['peak_rss_mb']:.0f} MB |",
+        f"| sent up / down | {r['bytes_up'] / 1e6:.1f} MB / {r['bytes_down'] / 1e6:.1f} MB |",
+        f"| run directory | {r['run_dir_bytes'] / 1e6:.1f} MB |",
+        *([(f"| instance weight on the local adapter, own / pooled test inputs | "
+            f"{iw['own_task']['mean']:.3f} / {iw['other_tasks']['mean']:.3f} |")] if iw.get("own_task") else []),
+        "",
+        "Per evaluated client:",
+        "",
+        "| client | P | TTP |",
+        "|---|---|---|",
+        *(f"| {c} | {v['P']:.3f} | {v['TTP']:.3f} |" for c, v in r["per_client"].items()),
+        "",
+    ]
+    if r["terminal"]:
+        md += ["What `fedblend run` printed:", "", "```", r["terminal"].rstrip(), "```", ""]
+    else:
+        md += [(f"Recorded from a finished `fedblend run {r['config']} --out {r['recorded_from']}` (`--from`): "
+                "the benchmark ran the sweep, not the training."), ""]
+    (RESULTS / "population_smollm2.md").write_text("\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", type=int, help="(internal) run one N in this process and print its JSON")
@@ -218,6 +338,10 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=6, help="data.max_train_per_client (0 = all the client holds)")
     ap.add_argument("--threads", type=int, default=1, help="engine.threads (0 = torch's default)")
     ap.add_argument("--render", action="store_true", help="write population.md again from population.json")
+    ap.add_argument("--smollm2", action="store_true", help="the SmolLM2 FedDPA-F run at N = 100 instead (~20 min)")
+    ap.add_argument("--keep", type=Path, help="--smollm2: keep its run directory here")
+    ap.add_argument("--from", dest="source", type=Path,
+                    help="--smollm2: record this finished run of the config instead of training one")
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.out, args.cap, args.threads)))
@@ -227,6 +351,11 @@ def main() -> None:
     if args.render:  # the markdown again from population.json (no run)
         doc = json.loads((RESULTS / "population.json").read_text())
         write(doc["inprocess"], doc["setting"]["note"], args.cap, args.threads)
+        if "smollm2" in doc:
+            write_smollm2(doc["smollm2"])
+        return
+    if args.smollm2:
+        smollm2(args.note, args.keep, args.source)
         return
     results: dict[str, dict] = {}
     runs: dict[int, list[dict]] = {n: [] for n in args.sizes}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED, shared_flan8, tiny_raw
 
-from fedblend.config import config_from_dict
+from fedblend.config import config_from_dict, load_config
 from fedblend.errors import DataError
 from fedblend.partition import partition_by_label
 from fedblend.text import synthetic
@@ -118,6 +118,32 @@ def test_label_skew_on_sst2_tsv():
     assert len(fed.clients) == 3
     assert {e.output for c in fed.clients for e in c.train} <= {"negative", "positive"}
     assert all(t.startswith("client") for t in fed.test_by_task)
+
+
+def test_the_shipped_100_client_sst2_federation_is_skewed_and_fills_every_client():
+    """configs/sst2/feddpa_f_n100.toml (the SmolLM2 population run): 100 clients, none empty, most
+    training on 16 sentences (Dirichlet sizes are uneven), most holding mostly one sentiment, each
+    test set following its client's label mix."""
+    if not (SHARED / "sst2").is_dir():
+        pytest.skip("shared data absent")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "sst2" / "feddpa_f_n100.toml", [f'data.dir="{SHARED / "sst2"}"'])
+    fed = build_federation(cfg)
+    assert len(fed.clients) == 100 and cfg.train.clients_per_round == 10
+    sizes = [len(c.train) for c in fed.clients]
+    assert min(sizes) >= 1 and max(sizes) == 16 and sum(n == 16 for n in sizes) >= 80  # data.max_train_per_client
+    assert all(len(t) == 8 for t in fed.test_by_task.values())  # eval.max_per_task
+
+    def top_share(examples) -> float:
+        return Counter(e.output for e in examples).most_common(1)[0][1] / len(examples)
+
+    assert sum(top_share(c.train) > 0.8 for c in fed.clients) >= 50  # Dirichlet(0.3): mostly one label
+    assert sum(top_share(c.train) < 0.7 for c in fed.clients) >= 5  # and some mixed ones
+    # a client's own test set leans the way its training data does
+    agree = [Counter(e.output for e in c.train).most_common(1)[0][0]
+             == Counter(e.output for e in fed.test_by_task[c.task]).most_common(1)[0][0]
+             for c in fed.clients if top_share(c.train) > 0.8 and fed.test_by_task[c.task]]
+    assert sum(agree) >= 0.9 * len(agree)
 
 
 def test_read_tsv_errors(tmp_path: Path):
