@@ -193,6 +193,25 @@ def test_a_large_label_skew_federation_is_evaluated_on_a_seeded_sample(tmp_path:
     assert "client-by-task scores" not in html  # each client's tasks are its own sample: no grid
 
 
+@pytest.mark.parametrize("eval_", [{}, {"clients": 3}, {"clients": 3, "pooled_test": 0}, {"exact_max_clients": 0}])
+def test_a_server_without_data_draws_the_same_sample_and_rebuilds_the_plan_from_replies(tmp_path: Path, eval_):
+    """The Flower ServerApp holds no data: it draws the evaluated clients from the client ids
+    alone, and rebuilds the plan's sizes from what each evaluated node reports (its plan's
+    facts and the tasks it was scored on); both must equal the in-process plan."""
+    from fedblend.text.federation import build_federation
+    from fedblend.text.protocol import EvalPlan, eval_plan, eval_sample
+
+    cfg = config_from_dict(_skew_raw(_sst_like(tmp_path, 240), 12, **eval_))
+    fed = build_federation(cfg)
+    plan = eval_plan(cfg, fed)
+    assert plan.sampled == ("clients" in eval_ or "exact_max_clients" not in eval_)
+    assert eval_sample(cfg, [c.cid for c in reversed(fed.clients)]) == (plan.clients if plan.sampled else None)
+    facts = json.loads(json.dumps(plan.facts()))  # as it travels
+    rebuilt = EvalPlan.from_replies(len(fed.clients), facts, {c: list(ts) for c, ts in plan.tasks.items()})
+    assert rebuilt.record() == plan.record()
+    assert rebuilt.record()["pooled_test_instances"] == (12 if plan.ttp == "pooled" else 0)
+
+
 def test_the_terminal_and_report_show_a_distribution_for_many_clients(tmp_path: Path, capsys):
     from fedblend.console import print_summary
 

@@ -96,6 +96,11 @@ class Modality(ABC):
         ``eval.exact_max_clients``: a seeded sample). Only their finished states are kept."""
         return [c.cid for c in fed.clients]
 
+    def eval_sample(self, ids: list[int]) -> list[int] | None:
+        """:meth:`eval_clients` from the client ids alone (None: every client), for a server
+        that holds no data (the Flower ServerApp)."""
+        return None
+
     def track_rounds(self, algorithm: Algorithm, trainer: Any, prep: Prepared, run: RunDir,
                      start_round: int) -> Algorithm:
         """The algorithm the round loop drives (vision wraps it to score every round)."""

@@ -31,9 +31,11 @@ class ScriptedGrid:
 
     def __init__(self) -> None:
         self.timeouts: list[float | None] = []
+        self.sent: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout=None):
         self.timeouts.append(timeout)
+        self.sent += messages
         replies = []
         for m in messages:
             if m.metadata.dst_node_id == 100 and m.metadata.message_type == MessageType.EVALUATE:
@@ -113,3 +115,21 @@ def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: P
     assert list(replies) == [0]
     assert dropped == {3: "error: Node Unavailable"}
     assert {"type": "evaluate", "round": "final", "cid": 3, "dropped": "error: Node Unavailable"} in clients.messages
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_a_sampled_evaluation_sends_the_final_payload_to_all_and_scores_the_sample(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=2", "train.rounds=1"])
+    run = RunDir(tmp_path / "run")
+    run.start(cfg.to_dict(), resume=False)
+    (run.path / "flower").mkdir()
+    algorithm, grid = make_algorithm(cfg), ScriptedGrid()
+    clients = FlowerClients(grid, cfg, algorithm, Transport(), run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
+                            nodes={0: 100, 3: 103})
+    final = algorithm.final_payload({"global": {"w": torch.zeros(2, 2)}})
+    replies, _, dropped = clients.evaluate(final, scored=[0])
+    score = {m.metadata.dst_node_id: wire.fields(m)[wire.SCORE] for m in grid.sent}
+    assert score == {100: 1, 103: 0}  # every client gets the final payload; only the sample is scored
+    assert list(replies) == [0] and dropped == {}  # a dead node outside the sample costs nothing
+    with pytest.raises(FedblendError, match="client 3 \\(evaluate\\): error: Node Unavailable"):
+        clients.evaluate(final, scored=[3])  # no evaluated client answered

@@ -32,8 +32,8 @@ def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: 
     from fedblend.deploy.sim import deploy_sim
 
     # FedDPA-T on the fitted model (answers not empty): each client keeps a private local
-    # adapter across rounds; 2 of 4 clients a round
-    overrides = [*fitted_tiny, "data.num_clients=4", "train.clients_per_round=2"]
+    # adapter across rounds; 2 of 4 clients a round; a seeded sample of 2 clients evaluated
+    overrides = [*fitted_tiny, "data.num_clients=4", "train.clients_per_round=2", "eval.clients=2"]
     work = tmp_path / "work"
     summary, res = deploy_sim(FEDDPA_T, 4, overrides, tmp_path / "sim", work=work, ray_cpus=2)
     ref = inprocess_reference(FEDDPA_T, overrides, tmp_path / "inprocess")
@@ -41,7 +41,10 @@ def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: 
     run = RunDir(tmp_path / "sim")
     assert run.complete and (run.path / "report.html").is_file()
     assert summary["comm"] == ref["comm"]  # the same bytes up and down
-    assert summary["clients"] == ref["clients"]  # the same scores
+    assert summary["clients"] == ref["clients"]  # the same sampled clients, the same scores
+    assert summary["evaluation"] == ref["evaluation"]  # the same sample sizes, distribution, intervals
+    assert summary["evaluation"]["mode"] == "sampled" and len(summary["clients"]) == 2
+    assert summary["time"]["eval_instances"] == ref["time"]["eval_instances"]
     assert [r["clients"] for r in run.rounds()] == [r["clients"] for r in RunDir(tmp_path / "inprocess").rounds()]
     assert_adapters_equal(run.path / "adapters" / "global", tmp_path / "inprocess" / "adapters" / "global")
     assert_same_predictions(run.path, tmp_path / "inprocess")
@@ -51,6 +54,9 @@ def test_simulation_matches_inprocess_with_private_state_by_partition(tmp_path: 
     received = received_messages(run.path)
     assert [m["type"] for m in received].count("train") == 2 * 2
     assert {r for m in received if m["type"] == "train" for r in m["roles"]} == {"global"}  # never "local"
+    evals = {m["cid"]: m["records"]["configs"]["fedblend"] for m in received if m["type"] == "evaluate"}
+    assert sorted(evals) == [0, 1, 2, 3]  # the final payload reached every client (the same bytes down)
+    assert {c for c, keys in evals.items() if "eval" in keys} == {int(c) for c in summary["clients"]}  # scored: the sample
 
     # each Ray worker loaded the backbone once, not once per message
     messages = json.loads((run.path / "flower" / "engine.json").read_text())["messages"]

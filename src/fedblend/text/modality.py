@@ -19,6 +19,7 @@ from fedblend.text.protocol import (
     ClientEval,
     EvalPlan,
     eval_plan,
+    eval_sample,
     evaluate_client,
     evaluate_text,
     plan_view,
@@ -111,6 +112,9 @@ class TextModality(Modality):
     def eval_clients(self, fed: Any) -> list[int]:
         return list(self.plan(fed).clients)
 
+    def eval_sample(self, ids: list[int]) -> list[int] | None:
+        return eval_sample(self.cfg, ids)
+
     def track_rounds(self, algorithm: Algorithm, trainer: Any, prep: Prepared, run: RunDir,
                      start_round: int) -> Algorithm:
         fed = getattr(self, "_fed", None)
@@ -148,20 +152,29 @@ class TextModality(Modality):
 
     def evaluate_on_node(self, algorithm: Algorithm, trainer: Any, fed: Any, prep: Prepared,
                          ctx: ClientContext, final: Message, state: State) -> dict[str, str]:
-        ev = evaluate_client(algorithm, trainer, fed, ctx, final, state, self.cfg.eval.ttp)
-        references = {t: [e.output for e in fed.test_by_task[t]] for t in ev.predictions}
-        return {"eval": json.dumps(asdict(ev)), "references": json.dumps(references)}
+        # every node builds the same federation, so each makes the plan the in-process engine
+        # makes, and is scored on its tasks in it (a sampled plan: the pooled set among them)
+        plan = self.plan(fed)
+        view = plan_view(fed, plan)
+        ev = evaluate_client(algorithm, trainer, view, ctx, final, state, self.cfg.eval.ttp,
+                             tasks=plan.tasks[ctx.cid] if plan.sampled else None)
+        references = {t: [e.output for e in view.test_by_task[t]] for t in ev.predictions}
+        return {"eval": json.dumps(asdict(ev)), "references": json.dumps(references),
+                "plan": json.dumps(plan.facts())}
 
     def collect(self, replies: dict[int, dict[str, str]], desc: dict[str, Any]) -> Evaluation:
         results = {cid: ClientEval(**json.loads(r["eval"])) for cid, r in sorted(replies.items())}
         references: dict[str, list[str]] = {}
         for r in replies.values():
             references.update(json.loads(r["references"]))
-        n_eval = sum(desc["data"]["test_examples"].values()) * (len(results) if self.cfg.eval.ttp else 1)
+        # the plan as the nodes made it (each the same): its sizes, from the tasks each was scored on
+        plan = (EvalPlan.from_replies(desc["data"]["clients"], json.loads(next(iter(replies.values()))["plan"]),
+                                      {c: list(ev.scores) for c, ev in results.items()}) if replies else None)
         # nodes never share generations: every client generates for each of its instances
+        n_eval = sum(len(p) for ev in results.values() for p in ev.predictions.values())
         return Evaluation(per_client=results,
                           times={"eval_instances": n_eval, "generated_instances": n_eval},
-                          extra={"references": references})
+                          extra={"references": references, "plan": plan})
 
     def summarize(self, run: RunDir, algorithm: Algorithm, trainer: Any, ev: Evaluation,
                   comm: dict[str, int], times: dict[str, Any], desc: dict[str, Any],

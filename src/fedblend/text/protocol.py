@@ -265,6 +265,18 @@ class EvalPlan:
     n_tasks: int
     ttp: str  # "all" | "tasks" | "pooled" | "off"
     pooled: list[Example] = field(default_factory=list)
+    pooled_size: int = 0  # len(pooled); a plan rebuilt from nodes' replies knows only the size
+
+    @classmethod
+    def from_replies(cls, n_clients: int, facts: dict[str, Any], tasks: dict[int, list[str]]) -> EvalPlan:
+        """The plan as the Flower ServerApp knows it: from the evaluated nodes' replies, each
+        with its plan's :meth:`facts` and the tasks it was scored on."""
+        return cls(bool(facts["sampled"]), sorted(tasks), dict(sorted(tasks.items())), n_clients,
+                   int(facts["n_tasks"]), str(facts["ttp"]), pooled_size=int(facts["pooled_size"]))
+
+    def facts(self) -> dict[str, Any]:
+        """What a node tells the server of the plan, besides its tasks (:meth:`from_replies`)."""
+        return {"sampled": self.sampled, "n_tasks": self.n_tasks, "ttp": self.ttp, "pooled_size": self.pooled_size}
 
     def record(self) -> dict[str, Any]:
         """The sample sizes, as summary.json's ``evaluation`` records them."""
@@ -276,8 +288,18 @@ class EvalPlan:
             "tasks": self.n_tasks,
             "ttp": self.ttp,
             "ttp_other_tasks_per_client": (min(others) if others else 0) if self.ttp in ("all", "tasks") else 0,
-            "pooled_test_instances": len(self.pooled),
+            "pooled_test_instances": self.pooled_size,
         }
+
+
+def eval_sample(cfg: Any, ids: Sequence[int]) -> list[int] | None:
+    """The clients a sampled evaluation scores (seeded by ``cfg.seed``), or None when every
+    client is scored exactly. Needs only the client ids: the Flower ServerApp, which holds no
+    data, picks the same clients as the in-process engine."""
+    ec = cfg.eval
+    if not (ec.clients > 0 or (ec.exact_max_clients > 0 and len(ids) > ec.exact_max_clients)):
+        return None
+    return sorted(random.Random(f"eval-clients:{cfg.seed}").sample(sorted(ids), ec.clients or ec.exact_max_clients))
 
 
 def eval_plan(cfg: Any, fed: Federation) -> EvalPlan:
@@ -285,11 +307,10 @@ def eval_plan(cfg: Any, fed: Federation) -> EvalPlan:
     ec = cfg.eval
     ids = [c.cid for c in fed.clients]
     n = len(ids)
-    if not (ec.clients > 0 or (ec.exact_max_clients > 0 and n > ec.exact_max_clients)):
+    chosen = eval_sample(cfg, ids)
+    if chosen is None:
         tasks = {c.cid: (list(fed.tasks) if ec.ttp else [c.task]) for c in fed.clients}
         return EvalPlan(False, ids, tasks, n, len(fed.tasks), "all" if ec.ttp else "off")
-    size = ec.clients or ec.exact_max_clients
-    chosen = sorted(random.Random(f"eval-clients:{cfg.seed}").sample(ids, size))
     by_id = {c.cid: c for c in fed.clients}
     all_tasks = fed.tasks
     pooled: list[Example] = []
@@ -316,7 +337,7 @@ def eval_plan(cfg: Any, fed: Federation) -> EvalPlan:
             others = [t for t in all_tasks if t != own]
             pick = set(random.Random(f"eval-tasks:{cfg.seed}:{cid}").sample(others, min(ec.ttp_tasks, len(others))))
             tasks[cid] = [t for t in all_tasks if t == own or t in pick]
-    return EvalPlan(True, chosen, tasks, n, len(all_tasks), mode, pooled)
+    return EvalPlan(True, chosen, tasks, n, len(all_tasks), mode, pooled, len(pooled))
 
 
 def plan_view(fed: Federation, plan: EvalPlan) -> Federation:

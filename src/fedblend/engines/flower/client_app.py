@@ -6,7 +6,8 @@ the same shared-roles check the server applies again on receipt.
 ``evaluate``: ``finish_client`` and evaluation of the client's own (private) model by the
 modality (text: P/TTP generations; vision: accuracy on the client's own test split and on the
 global test set); only scores, per-instance weights and predictions go back, plus the
-node-local paths where its local adapters were exported.
+node-local paths where its local adapters were exported. A client outside a sampled
+evaluation (``score`` 0) only finishes.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     _check_cid(cid, node.cid)
     rounds = node.cfg.train.rounds
     trainer = node.load_trainer()
-    prep = node.prepare(trainer, evaluation=True)
+    scored = bool(int(f.get(wire.SCORE, 1)))  # type: ignore[arg-type]  # else: outside a sampled evaluation
+    prep = node.prepare(trainer, evaluation=scored)
     state, source, state_round = node.load_state(context, trainer, upto=rounds)
     final = decode(bytes(f[wire.PAYLOAD]))  # type: ignore[arg-type]
     ctx = ClientContext(
@@ -76,6 +78,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     state = node.algorithm.finish_client(ctx, final, state)
     node.timings["finish_s"] = time.perf_counter() - t
     node.save_state(context, state, rounds)  # the finished state: not a resumable snapshot
+    if not scored:  # finished, not scored
+        node.log({"type": "finish", "round": rounds, "state_from": source, "state_round": state_round})
+        return Message(wire.content({wire.EXPORTS: "{}"}, node.timings), reply_to=msg)
     t = time.perf_counter()
     reply = node.modality.evaluate_on_node(node.algorithm, trainer, node.fed, prep, ctx, final, state)
     node.timings["eval_s"] = time.perf_counter() - t

@@ -217,27 +217,35 @@ class FlowerClients:
             )
         return updates, dropped
 
-    def evaluate(self, final: FbMessage) -> tuple[dict[int, dict[str, str]], dict[str, Any], dict[int, str]]:
-        """Each node's evaluation reply (the modality's JSON fields), its local exports, and
+    def evaluate(self, final: FbMessage, scored: list[int] | None = None) -> tuple[dict[int, dict[str, str]], dict[str, Any], dict[int, str]]:
+        """Each evaluated node's reply (the modality's JSON fields), its local exports, and
         the clients left out: only nodes the SuperLink reports dead (no heartbeat for two
         intervals: killed, machine lost). Any other error, or no reply within
-        ``message-timeout-s``, fails the run: a slow evaluation is waited for."""
+        ``message-timeout-s``, fails the run: a slow evaluation is waited for.
+
+        ``scored``: the evaluation's sample of clients (None: every client). The final payload
+        goes to every client, as in the in-process engine (the same bytes down); each finishes
+        (FedDPA-F fine-tunes its local adapter), and only the sampled ones are scored."""
         rounds = self.cfg.train.rounds
-        sent = {cid: {wire.ROUND: rounds, wire.PAYLOAD: self.transport.encode_down(rounds, cid, final)}
-                for cid in sorted(self.nodes)}
+        scored_set = set(self.nodes if scored is None else scored)
+        sent = {cid: {wire.ROUND: rounds, wire.SCORE: int(cid in scored_set),
+                      wire.PAYLOAD: self.transport.encode_down(rounds, cid, final)} for cid in sorted(self.nodes)}
         replies: dict[int, dict[str, str]] = {}
         local: dict[str, Any] = {}
         got, dropped = self._send(MessageType.EVALUATE, "final", sent, tolerate=True)
         fatal = {c: w for c, w in dropped.items() if c not in self.unavailable}
-        if fatal or not got:
-            raise FedblendError("; ".join(f"client {c} (evaluate): {w}" for c, w in sorted(dropped.items())))
+        if fatal or not (scored_set & set(got)):
+            raise FedblendError("; ".join(f"client {c} (evaluate): {w}" for c, w in sorted(dropped.items()))
+                                or "no evaluated client replied")
         for cid, r in got.items():
             self._inspect("evaluate", "final", cid, r, None)
+            if cid not in scored_set:
+                continue  # finished, not scored
             f = wire.fields(r)
             replies[cid] = {k: str(v) for k, v in f.items() if k != wire.EXPORTS}
             for role, path in json.loads(str(f[wire.EXPORTS])).items():
                 local.setdefault(role, {})[str(cid)] = path
-        return replies, local, dropped
+        return replies, local, {c: w for c, w in dropped.items() if c in scored_set}
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, run_id: int,
@@ -277,7 +285,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, settings: Settings, ru
 
     t_eval = time.perf_counter()
     final = algorithm.final_payload(loop.server_state)
-    replies, local, eval_dropped = clients.evaluate(final)
+    replies, local, eval_dropped = clients.evaluate(final, mod.eval_sample(sorted(clients.nodes)))
     eval_s = time.perf_counter() - t_eval
     ev = mod.collect(replies, desc)
     exported: dict[str, Any] = {"local": local.pop("local", {}), **local} if mod.export_local else {}

@@ -25,6 +25,7 @@ UPDATE = "update"  # node -> server: codec bytes of an update
 CLIENT = "client"  # node -> server (query): JSON with cid, task, train examples, num clients
 # node -> server (evaluate): the modality's fields (Modality.evaluate_on_node), plus EXPORTS
 EVAL = "eval"  # JSON of the client's evaluation (text: scores, weights, predictions; vision: accuracies)
+SCORE = "score"  # server -> node (evaluate): 1 finish and evaluate, 0 finish only (not in the evaluation sample)
 EXPORTS = "exports"  # node -> server (evaluate): JSON {role: node-local adapter path}
 REFERENCES = "references"  # text: JSON {task: [reference outputs]}
 CACHE = "cache"  # vision: JSON of the node's feature-cache use
