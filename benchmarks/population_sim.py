@@ -1,19 +1,19 @@
 """Population scale on Flower's simulation runtime (issue 19, the "simulation" half of
-benchmarks/population.py): the tiny model on SST-2's training sentences split IID
-(``data.layout = "label_skew"``, ``data.partitioner = "iid"``) over N = 10, 100 and 1,000
-virtual SuperNodes (``fedblend deploy sim``: a private Ray on this machine), K = 10 sampled
-per round, 3 rounds, 4 test examples per client, P only (``eval.ttp = false``: on Flower every
-node scores its own model on every client's test set, N x N x 4 generations, 4 million at
-N = 1,000; the sampled evaluation of population.py is the in-process engine's).
+benchmarks/population.py): the same run as population.py's in-process one (the tiny model on
+SST-2's training sentences split IID, ``data.layout = "label_skew"``, K = 10 sampled per round,
+3 rounds, at most 6 sentences per sampled client, 1 torch thread, default evaluation: exact up to
+100 clients, a seeded sample of 100 beyond with TTP on a pooled test set of 256) over N = 10,
+100 and 1,000 virtual SuperNodes (``fedblend deploy sim``: a private Ray on this machine).
 
 Each N runs in its own process (``--one N``); the parent samples the resident memory of that
 process and of everything it starts (Ray's GCS and raylet, the worker actors) every 0.5 s.
 Per N: build_s (Ray started + every virtual node answered its query, which builds the
 federation once per worker), round_s (mean of the 3 rounds; min and max kept), eval_s (the
-final evaluation on all N nodes), peak_rss_mb (the peak of the sampled sum of RSS over the
-process tree; shared library pages count once per process), driver_peak_rss_mb (the
-ServerApp's process alone), wall_s (interpreter start to exit, measured by the parent),
-run_dir_bytes (the run directory), node_dir_bytes (the virtual nodes' state directory).
+final evaluation: the final payload to all N nodes, the sampled ones scored), peak_rss_mb (the
+peak of the sampled sum of RSS over the process tree; shared library pages count once per
+process), driver_peak_rss_mb (the ServerApp's process alone), wall_s (interpreter start to
+exit, measured by the parent), run_dir_bytes (the run directory), node_dir_bytes (the virtual
+nodes' state directory). The table puts population.json's in-process s / round beside each N.
 
     PYTHONPATH=src python benchmarks/population_sim.py [--sizes 10 100 1000] [--cpus-per-client 1]
 
@@ -36,26 +36,16 @@ import threading
 import time
 from pathlib import Path
 
-from population import combine, cpu_name, dir_bytes  # the in-process benchmark beside this one
+# the in-process benchmark beside this one: its run, data, paths and helpers
+from population import BASE, DATA, RESULTS, ROOT, combine, cpu_name, dir_bytes
+from population import overrides as inprocess_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-# ../shared/data beside the checkout (a worktree one level deeper: two levels up)
-DATA = next((p / "shared" / "data" / "sst2" for p in (ROOT.parent, ROOT.parent.parent)
-             if (p / "shared" / "data" / "sst2").is_dir()), ROOT.parent / "shared" / "data" / "sst2")
-BASE = ROOT / "configs" / "tiny" / "fedit.toml"
-RESULTS = ROOT / "benchmarks" / "results"
 KEYS = ("build_s", "round_s", "eval_s", "peak_rss_mb", "wall_s", "run_dir_bytes")
 
 
 def overrides(n: int) -> list[str]:
-    return [
-        'model.source="tiny"', 'data.kind="tsv"', f'data.dir="{DATA}"', 'data.layout="label_skew"',
-        'data.partitioner="iid"', f"data.num_clients={n}", 'data.train_file="train.tsv"',
-        'data.test_file="test.tsv"', 'data.label_names=["negative","positive"]',
-        "train.clients_per_round=10", "train.rounds=3", "eval.max_per_task=4", "eval.ttp=false",
-        "engine.progress=false", "engine.threads=1",
-    ]
-
+    """population.py's in-process run at N clients, unchanged: the two engines side by side."""
+    return inprocess_overrides(n)
 
 
 def one(n: int, out: Path, cpus_per_client: float) -> dict:
@@ -88,7 +78,10 @@ def one(n: int, out: Path, cpus_per_client: float) -> dict:
         "bytes_up": s["comm"]["bytes_up"],
         "bytes_down": s["comm"]["bytes_down"],
         "generated_instances": s["time"]["generated_instances"],
+        "clients_evaluated": s["evaluation"]["clients_evaluated"],
+        "eval_mode": s["evaluation"]["mode"],
         "mean_P": s["mean"]["P"],
+        "mean_TTP": s["mean"]["TTP"],
     }
 
 
@@ -152,13 +145,18 @@ def write(results: dict[str, dict], note: str, cpus_per_client: float) -> None:
                        "cpus_per_client": cpus_per_client, "ray": ray.__version__,
                        "ray_worker_niceness": 0, "note": note}}
     (RESULTS / "population_sim.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = [("| virtual clients | build s (Ray + discovery) | s / round (min-max) | eval s | peak RSS MB, tree (driver) "
-            "| process wall s | run dir | node state | backbone loads / messages |"),
-            "|---|---|---|---|---|---|---|---|---|"]
+    inproc = _inprocess()
+    rows = [("| virtual clients | build s (Ray + discovery) | s / round (min-max) | in-process s / round | eval s | "
+             "evaluated | generated | peak RSS MB, tree (driver) | process wall s | run dir | node state | "
+             "backbone loads / messages |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in results.items():
+        ip = inproc.get(n)
         rows.append(
             f"| {int(n):,} | {r['build_s']:.1f} ({r['ray_init_s']:.1f} + {r['discover_s']:.1f}) | "
-            f"{r['round_s']:.2f} ({r['round_s_min']:.2f}-{r['round_s_max']:.2f}) | {r['eval_s']:.1f} | "
+            f"{r['round_s']:.2f} ({r['round_s_min']:.2f}-{r['round_s_max']:.2f}) | "
+            f"{'-' if ip is None else format(ip['round_s'], '.2f')} | {r['eval_s']:.1f} | "
+            f"{r.get('clients_evaluated', '?')} ({r.get('eval_mode', '?')}) | {r['generated_instances']:,} | "
             f"{r['peak_rss_mb']:.0f} ({r['driver_peak_rss_mb']:.0f}) | {r['wall_s']:.1f} | "
             f"{r['run_dir_bytes'] / 1e6:.2f} MB | {r['node_dir_bytes'] / 1e6:.2f} MB | "
             f"{r['backbone_loads']} / {r['messages']} |")
@@ -169,23 +167,32 @@ def write(results: dict[str, dict], note: str, cpus_per_client: float) -> None:
          f"{_flwr_version()}, Ray {ray.__version__}, a private Ray on this machine, "
          f"{cpus_per_client:g} CPU per virtual node: {results[next(iter(results))]['actors']} worker actors) "
          "with the tiny model (`configs/tiny/fedit.toml`) on SST-2's training sentences "
-         "(`../shared/data/sst2/train.tsv`) split IID (`data.layout = \"label_skew\"`), K = 10 clients per "
-         "round, 3 rounds, 4 test examples per client, P only (`eval.ttp = false`: on Flower every node "
-         "scores on every client's test set, N x N x 4 generations). Each N in its own process."),
+         "(`../shared/data/sst2/train.tsv`) split IID (`data.layout = \"label_skew\"`): population.py's "
+         "in-process run unchanged (K = 10 clients per round, 3 rounds, at most 6 sentences per sampled "
+         "client, 1 torch thread, 4 test examples per client, default evaluation: exact up to 100 clients, "
+         "a seeded sample of 100 beyond with TTP on a pooled test set of 256). Each N in its own process."),
         "",
         f"CPU: {cpu_name()}, {os.cpu_count()} cores. {note}",
         "",
         *rows,
         "",
         ("build s: `ray.init` plus the ServerApp's discovery (every virtual node queried; each worker "
-         "builds the federation once); s / round: mean of `time.per_round_s`; eval s: the final evaluation "
-         "of all N nodes (`time.eval_s`); peak RSS: the sampled peak of the summed RSS of the run's process "
+         "builds the federation once); s / round: mean of `time.per_round_s`; in-process s / round: "
+         "population.json's, measured by population.py (another run, not alternated with this one); eval s: "
+         "the final evaluation (`time.eval_s`: the final payload to all N nodes, the evaluated ones scored; "
+         "each node generates for itself, where the in-process engine generates once for clients with the "
+         "same model); peak RSS: the sampled peak of the summed RSS of the run's process "
          "tree (driver, Ray's GCS and raylet, the actors; shared pages count once per process), in brackets "
          "the driver (ServerApp) alone; process wall: interpreter start to exit, Ray start and stop "
          "included; backbone loads: messages that loaded the backbone (the rest reused their worker's)."),
         "",
     ]
     (RESULTS / "population_sim.md").write_text("\n".join(md))
+
+
+def _inprocess() -> dict[str, dict]:
+    path = RESULTS / "population.json"
+    return json.loads(path.read_text()).get("inprocess", {}) if path.is_file() else {}
 
 
 def _flwr_version() -> str:
