@@ -133,3 +133,43 @@ def test_a_sampled_evaluation_sends_the_final_payload_to_all_and_scores_the_samp
     assert list(replies) == [0] and dropped == {}  # a dead node outside the sample costs nothing
     with pytest.raises(FedblendError, match="client 3 \\(evaluate\\): error: Node Unavailable"):
         clients.evaluate(final, scored=[3])  # no evaluated client answered
+
+
+class QueryGrid:
+    """Three SuperNodes (ids 200-202, clients 0-2) answering the server's query as the ClientApp
+    does: the federation's facts only when asked for them."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return [200, 201, 202]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import json
+
+        self.sent += messages
+        replies = []
+        for m in messages:
+            cid = m.metadata.dst_node_id - 200
+            info = {"cid": cid, "train_examples": 3, "num_clients": 3, "task": f"t{cid}",
+                    "describe": {"data": {"clients": 3, "train_examples": {str(c): 3 for c in range(3)}}}}
+            if not wire.fields(m)[wire.DESCRIBE]:
+                info.pop("describe")
+            replies.append(Message(RecordDict({wire.RECORD: ConfigRecord({wire.CLIENT: json.dumps(info)})}),
+                                   reply_to=m))
+        return replies
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_discovery_asks_one_node_for_the_federations_facts(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=3", "train.rounds=1"])
+    run = RunDir(tmp_path / "run")
+    run.start(cfg.to_dict(), resume=False)
+    grid = QueryGrid()
+    clients = FlowerClients(grid, cfg, make_algorithm(cfg), Transport(), run, timeout_s=60, run_key="1")  # type: ignore[arg-type]
+    clients.discover(wait_s=10)
+    assert clients.nodes == {0: 200, 1: 201, 2: 202}
+    assert [wire.fields(m)[wire.DESCRIBE] for m in grid.sent] == [1, 0, 0]  # O(clients) facts, once
+    assert clients.describe["data"]["clients"] == 3
+    assert all("describe" not in i and i["task"] == f"t{c}" for c, i in clients.info.items())

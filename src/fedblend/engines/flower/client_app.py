@@ -29,8 +29,11 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node = open_node(wire.fields(msg), context)
+    f = wire.fields(msg)
+    node = open_node(f, context)
     info = node.modality.node_info(node.fed, node.client)
+    if not int(f.get(wire.DESCRIBE, 1)):  # type: ignore[arg-type]  # the server has (or gets) them elsewhere
+        info.pop("describe")
     return Message(wire.content({wire.CLIENT: json.dumps(info)}, node.timings), reply_to=msg)
 
 

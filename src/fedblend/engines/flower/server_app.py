@@ -166,10 +166,12 @@ class FlowerClients:
             asked.update(new)
             cfg_json = self.config_json
             # every new node at once: one query at a time costs a round trip per node, which
-            # at a thousand virtual nodes is minutes of waiting
-            msgs = [Message(wire.content({wire.CONFIG: cfg_json, wire.RUN_KEY: self.run_key}),
+            # at a thousand virtual nodes is minutes of waiting. Only one node is asked for the
+            # federation's facts (O(clients) each: O(clients^2) bytes if every node sent them)
+            msgs = [Message(wire.content({wire.CONFIG: cfg_json, wire.RUN_KEY: self.run_key,
+                                          wire.DESCRIBE: int(i == 0 and not self.describe)}),
                             dst_node_id=node_id, message_type=MessageType.QUERY, group_id="setup")
-                    for node_id in new]
+                    for i, node_id in enumerate(new)]
             if msgs:
                 for r in sorted(self.grid.send_and_receive(msgs, timeout=self.timeout_s),
                                 key=lambda r: r.metadata.src_node_id):
@@ -180,8 +182,8 @@ class FlowerClients:
                     if info["cid"] in self.nodes:
                         raise FedblendError(f"two SuperNodes claim client {info['cid']}: check partition-id")
                     self.nodes[info["cid"]] = r.metadata.src_node_id
-                    # every node sends the same federation facts (O(clients) each): keep one
-                    self.describe = info.pop("describe")
+                    if "describe" in info:  # the federation's facts, from the node asked for them
+                        self.describe = info.pop("describe")
                     self.info[info["cid"]] = info
                     expected = info["num_clients"]
             if expected is not None and len(self.nodes) >= expected:

@@ -23,6 +23,7 @@ ROUND = "round"
 PAYLOAD = "payload"  # server -> node: codec bytes of a payload / final payload
 UPDATE = "update"  # node -> server: codec bytes of an update
 CLIENT = "client"  # node -> server (query): JSON with cid, task, train examples, num clients
+DESCRIBE = "describe"  # server -> node (query): 1 = add the federation's facts (O(clients); one copy is enough)
 # node -> server (evaluate): the modality's fields (Modality.evaluate_on_node), plus EXPORTS
 EVAL = "eval"  # JSON of the client's evaluation (text: scores, weights, predictions; vision: accuracies)
 SCORE = "score"  # server -> node (evaluate): 1 finish and evaluate, 0 finish only (not in the evaluation sample)
