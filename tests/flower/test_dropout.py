@@ -101,8 +101,8 @@ def test_a_round_in_which_every_client_errors_fails_the_run(tmp_path: Path) -> N
     assert len(grid.timeouts) == 1  # failed in the first round, not after all three
 
 
-@pytest.mark.usefixtures("_task_identity")
-def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: Path) -> None:
+def _final_evaluation(tmp_path: Path) -> tuple[FlowerClients, ScriptedGrid, FbMessage]:
+    """The server at its final evaluation: client 0 (node 100) answers, client 3 (node 103) is dead."""
     cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=2", "train.rounds=1"])
     run = RunDir(tmp_path / "run")
     run.start(cfg.to_dict(), resume=False)
@@ -110,7 +110,12 @@ def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: P
     algorithm, grid = make_algorithm(cfg), ScriptedGrid()
     clients = FlowerClients(grid, cfg, algorithm, Transport(), run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
                             nodes={0: 100, 3: 103})
-    final = algorithm.final_payload({"global": {"w": torch.zeros(2, 2)}})
+    return clients, grid, algorithm.final_payload({"global": {"w": torch.zeros(2, 2)}})
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: Path) -> None:
+    clients, _, final = _final_evaluation(tmp_path)
     replies, _, dropped = clients.evaluate(final)
     assert list(replies) == [0]
     assert dropped == {3: "error: Node Unavailable"}
@@ -119,14 +124,7 @@ def test_evaluation_leaves_out_only_nodes_the_superlink_reports_dead(tmp_path: P
 
 @pytest.mark.usefixtures("_task_identity")
 def test_a_sampled_evaluation_sends_the_final_payload_to_all_and_scores_the_sample(tmp_path: Path) -> None:
-    cfg = load_config(TINY, [*TINY_OVERRIDES, "data.num_clients=2", "train.rounds=1"])
-    run = RunDir(tmp_path / "run")
-    run.start(cfg.to_dict(), resume=False)
-    (run.path / "flower").mkdir()
-    algorithm, grid = make_algorithm(cfg), ScriptedGrid()
-    clients = FlowerClients(grid, cfg, algorithm, Transport(), run, timeout_s=3600, run_key="1",  # type: ignore[arg-type]
-                            nodes={0: 100, 3: 103})
-    final = algorithm.final_payload({"global": {"w": torch.zeros(2, 2)}})
+    clients, grid, final = _final_evaluation(tmp_path)
     replies, _, dropped = clients.evaluate(final, scored=[0])
     score = {m.metadata.dst_node_id: wire.fields(m)[wire.SCORE] for m in grid.sent}
     assert score == {100: 1, 103: 0}  # every client gets the final payload; only the sample is scored
