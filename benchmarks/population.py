@@ -243,9 +243,10 @@ def smollm2(note: str, keep: Path | None, source: Path | None = None) -> None:
             rows[row["label"].split("=", 1)[1]] = {"P": sub["evaluation"]["P"], "TTP": sub["evaluation"]["TTP"],
                                                    "eval_s": sub["time"]["eval_s"]}
         ev = s["evaluation"]
+        cfg = json.loads((out / "config.json").read_text())  # the run's resolved config
         rec = {
             "config": str(SMOLLM2.relative_to(ROOT)), "algorithm": s["algorithm"], "weighting": s.get("weighting"),
-            "clients": ev["clients"], "clients_per_round": 10, "rounds": s["rounds"], "metric": s["metric"],
+            "clients": ev["clients"], "rounds": s["rounds"], "metric": s["metric"], "setting": setting_of(cfg),
             "evaluation": {k: ev[k] for k in ("mode", "clients_evaluated", "ttp", "pooled_test_instances")},
             "P": ev["P"], "TTP": ev["TTP"], "interval": ev["interval"],
             "per_client": {c: {"P": v["P"], "TTP": v["TTP"]} for c, v in s["clients"].items()},
@@ -266,6 +267,12 @@ def smollm2(note: str, keep: Path | None, source: Path | None = None) -> None:
     write_smollm2(rec)
 
 
+def setting_of(cfg: dict) -> dict:
+    """The settings population_smollm2.md names, from a run's resolved config."""
+    return {"clients_per_round": cfg["train"]["clients_per_round"], "dirichlet_alpha": cfg["data"]["dirichlet_alpha"],
+            "max_train_per_client": cfg["data"]["max_train_per_client"], "max_per_task": cfg["eval"]["max_per_task"]}
+
+
 def write_smollm2(r: dict) -> None:
     def ci(e: dict) -> str:
         return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
@@ -274,15 +281,18 @@ def write_smollm2(r: dict) -> None:
     w = r["weightings"]
     wt = r["weighting"] or {}
     iw = r["instance_weights"] or {}
+    st = r["setting"]
+    n_ev = r["evaluation"]["clients_evaluated"]
     md = [
         "# Population scale with a real model: FedDPA-F, SmolLM2-135M-Instruct, 100 clients",
         "",
         (f"`PYTHONPATH=src python benchmarks/population.py --smollm2`: `fedblend run {r['config']}` (its header "
-         "says every setting and why): SST-2's training sentences split over 100 clients by a Dirichlet(0.3) "
-         "draw over the labels (most clients hold mostly one sentiment), K = 10 sampled per round, "
-         f"{r['rounds']} rounds, each sampled client training on at most 16 of its sentences; FedDPA-F then fine-tunes "
+         f"says every setting and why): SST-2's training sentences split over {r['clients']} clients by a "
+         f"Dirichlet({st['dirichlet_alpha']:g}) draw over the labels (most clients hold mostly one sentiment), "
+         f"K = {st['clients_per_round']} sampled per round, {r['rounds']} rounds, each sampled client training on "
+         f"at most {st['max_train_per_client']} of its sentences; FedDPA-F then fine-tunes "
          "every client's local adapter. Evaluation: a seeded sample of "
-         f"{r['evaluation']['clients_evaluated']} of {r['clients']} clients, 8 of its own test sentences each (P), "
+         f"{n_ev} of {r['clients']} clients, {st['max_per_task']} of its own test sentences each (P), "
          f"and one pooled test set of {r['evaluation']['pooled_test_instances']} sentences drawn over all clients "
          f"(TTP); {r['metric']} of the one-word answer; 95% intervals: {r['interval']}."),
         "",
@@ -294,16 +304,16 @@ def write_smollm2(r: dict) -> None:
         *(f"| the same adapters, `feddpa.weighting={k}` | {ci(v['P'])} | {ci(v['TTP'])} |" for k, v in w.items()),
         "",
         ("Same trained adapters, same evaluated clients and test sets in every row (`fedblend evaluate "
-         "--sweep`); the intervals are over the 10 evaluated clients, so rows share their sampling error "
+         f"--sweep`); the intervals are over the {n_ev} evaluated clients, so rows share their sampling error "
          "and differ by less than their intervals suggest. One seed: no interval over training seeds."),
         "",
         "| key | value |",
         "|---|---|",
         f"| loss per round (mean over the sampled clients) | {', '.join(f'{x:.3f}' for x in r['loss_per_round'])} |",
         f"| build the federation (read + Dirichlet partition) | {t['build_s']:.1f} s |",
-        f"| s / round (K = 10) | {', '.join(f'{x:.1f}' for x in r['per_round_s'])} |",
+        f"| s / round (K = {st['clients_per_round']}) | {', '.join(f'{x:.1f}' for x in r['per_round_s'])} |",
         f"| train (all rounds) | {t['train_s']:.0f} s |",
-        f"| FedDPA-F fine-tuning of the 100 local adapters | {t['finish_s']:.0f} s |",
+        f"| FedDPA-F fine-tuning of the {r['clients']} local adapters | {t['finish_s']:.0f} s |",
         f"| evaluation ({r['evaluation']['clients_evaluated']} clients) | {t['eval_s']:.0f} s |",
         (f"| run wall (summary) / process wall | {t['wall_s']:.0f} s / "
         f"{'not measured' if r['process_wall_s'] is None else format(r['process_wall_s'], '.0f') + ' s'} |"),

@@ -40,8 +40,6 @@ from pathlib import Path
 from population import BASE, DATA, RESULTS, ROOT, combine, cpu_name, dir_bytes
 from population import overrides as inprocess_overrides
 
-KEYS = ("build_s", "round_s", "eval_s", "peak_rss_mb", "wall_s", "run_dir_bytes")
-
 
 def overrides(n: int) -> list[str]:
     """population.py's in-process run at N clients, unchanged: the two engines side by side."""
